@@ -1,0 +1,113 @@
+r"""Decoder-only language models with LLaMA-family shapes.
+
+The laptop demo (a few minutes on a CPU, the embedded corpus):
+  python -m foundation.train --config configs/lm.py:size=tiny --workdir runs/tiny
+
+A 1B model on a GPU host with a prepared TFDS dataset:
+  python -m foundation.train --config configs/lm.py:size=1b --workdir runs/1b \
+      --config.data.source=tfds:c4/en --config.mesh.fsdp=-1
+
+Arguments after the colon: `size=` one of SIZES; `quick` shortens the run (few steps, tiny evals) to
+check that everything works end to end. Every field below can be overridden with --config.a.b=value.
+"""
+
+import ml_collections
+
+from configs import common
+
+# name: (d_model, n_layers, n_heads, n_kv_heads, mlp_dim, vocab_size, max_seq_len, rope_theta, tied)
+SIZES = {
+    # The smallest model that exercises every code path (GQA, tied embeddings off, several layers).
+    "test": (64, 2, 4, 2, 128, 384, 128, 10_000.0, False),
+    # The laptop demo: about 1M parameters, byte-level vocabulary padded to a multiple of 128.
+    "tiny": (128, 4, 4, 2, 384, 384, 512, 10_000.0, False),
+    # GPT-2-small-like and GPT-2-medium-like widths with LLaMA blocks.
+    "125m": (768, 12, 12, 12, 2048, 32_000, 2048, 10_000.0, False),
+    "350m": (1024, 24, 16, 16, 2816, 32_000, 2048, 10_000.0, False),
+    # LLaMA-3.2-1B / 3B shapes.
+    "1b": (2048, 16, 32, 8, 8192, 128_256, 8192, 500_000.0, True),
+    "3b": (3072, 28, 24, 8, 8192, 128_256, 8192, 500_000.0, True),
+    # LLaMA-2-7B / 13B / 70B shapes.
+    "7b": (4096, 32, 32, 32, 11008, 32_000, 4096, 10_000.0, False),
+    "13b": (5120, 40, 40, 40, 13824, 32_000, 4096, 10_000.0, False),
+    "70b": (8192, 80, 64, 8, 28672, 32_000, 4096, 10_000.0, False),
+}
+
+# name: (global batch_size, seq_len, steps, peak lr)
+RUNS = {
+    "test": (16, 32, 20, 3e-3),
+    "tiny": (16, 256, 300, 3e-3),
+    "125m": (256, 1024, 20_000, 6e-4),
+    "350m": (256, 2048, 40_000, 3e-4),
+    "1b": (256, 2048, 100_000, 3e-4),
+    "3b": (512, 2048, 100_000, 3e-4),
+    "7b": (1024, 4096, 250_000, 3e-4),
+    "13b": (1024, 4096, 250_000, 3e-4),
+    "70b": (1024, 4096, 500_000, 1.5e-4),
+}
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  d, layers, heads, kv_heads, mlp, vocab, max_len, theta, tied = SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab,
+      d_model=d,
+      n_layers=layers,
+      n_heads=heads,
+      n_kv_heads=kv_heads,
+      head_dim=d // heads,
+      mlp_dim=mlp,
+      max_seq_len=max_len,     # the longest sequence the model is meant for (rotary table size)
+      rope_theta=theta,
+      norm_eps=1e-5,
+      tie_embeddings=tied,
+      dtype="bfloat16",        # compute dtype; params stay `param_dtype`
+      param_dtype="float32",
+      attention="xla",         # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn' (GPU)
+      scan_layers=True,        # one compiled layer scanned n_layers times (fast compiles)
+      remat_policy="none",     # 'none', 'full' or 'dots' (save matmul outputs, recompute the rest)
+  ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, size="tiny", quick=False)
+  size = args["size"]
+  if size not in SIZES:
+    raise ValueError(f"config argument size='{size}' is unknown; sizes: {', '.join(SIZES)}")
+  batch_size, seq_len, steps, lr = RUNS[size]
+
+  config = ml_collections.ConfigDict()
+  config.size = size
+  config.seed = 0
+  config.steps = steps
+  config.batch_size = batch_size   # global, over all hosts and devices
+  config.seq_len = seq_len
+  config.model = model_config(size)
+  config.mesh = common.mesh_config()
+  config.optim = common.optim_config()
+  config.optim.lr = lr
+  config.optim.warmup_steps = min(2000, max(1, steps // 10))
+  config.data = common.data_config()
+  config.checkpoint = common.checkpoint_config()
+  config.eval = common.eval_config()
+  config.log = common.log_config()
+
+  if size in ("test", "tiny"):
+    # Small models on a CPU: float32 compute is as fast as bf16 there and keeps tests exact.
+    config.model.dtype = "float32"
+    config.checkpoint.every = 100
+  if size == "test":
+    config.log.every = 1
+    config.eval.every = 10
+    config.eval.steps = 2
+    config.checkpoint.every = 10
+    config.log.generate_tokens = 8
+  if args["quick"]:
+    config.steps = 20
+    config.optim.warmup_steps = 5
+    config.eval.every = 10
+    config.eval.steps = 2
+    config.checkpoint.every = 10
+    config.log.every = 5
+    config.log.generate_tokens = min(config.log.generate_tokens, 16)
+  return config.lock()

@@ -1,0 +1,172 @@
+"""Checks a config before any device work, so that a mistake costs a second, not a compile.
+
+Every message names the field(s) and the numbers. Unknown keys and wrong types on the command line
+are caught earlier still, by the locked ConfigDict (`--config.a.b=value` parsing).
+"""
+
+import math
+
+from foundation import mesh as mesh_lib
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the numbers."""
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn"),
+    "model.remat_policy": ("none", "full", "dots"),
+}
+
+POSITIVE = ("steps", "batch_size", "seq_len", "model.vocab_size", "model.d_model",
+            "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
+            "model.mlp_dim", "model.max_seq_len", "checkpoint.keep", "log.every")
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def check_values(config) -> None:
+  """Field-by-field checks that need no devices."""
+  for field in POSITIVE:
+    if _get(config, field) <= 0:
+      raise ConfigError(f"{field} must be positive, got {_get(config, field)}")
+  for field, choices in CHOICES.items():
+    if _get(config, field) not in choices:
+      raise ConfigError(f"{field}={_get(config, field)!r} is not one of {choices}")
+  m = config.model
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(
+        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
+        f"grouped-query attention shares each kv head among n_heads / n_kv_heads query heads")
+  if m.head_dim % 2:
+    raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+  if config.seq_len > m.max_seq_len:
+    raise ConfigError(
+        f"seq_len={config.seq_len} is longer than the model allows: "
+        f"model.max_seq_len={m.max_seq_len}")
+  o = config.optim
+  if o.lr < 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
+    raise ConfigError(f"optim.lr={o.lr}, optim.warmup_steps={o.warmup_steps} must be >= 0 and "
+                      f"optim.min_lr_ratio={o.min_lr_ratio} in [0, 1]")
+  if config.eval.every > 0 and config.eval.steps <= 0:
+    raise ConfigError(f"eval.steps={config.eval.steps} must be positive when "
+                      f"eval.every={config.eval.every} > 0")
+  if config.checkpoint.every <= 0:
+    raise ConfigError(f"checkpoint.every={config.checkpoint.every} must be positive")
+  kind = config.data.source.split(":", 1)[0]
+  if kind not in ("embedded", "files", "tfds", "synthetic"):
+    raise ConfigError(f"data.source={config.data.source!r}: the kind must be one of 'embedded', "
+                      f"'files:GLOB', 'tfds:NAME', 'synthetic'")
+
+
+def check_mesh(config, devices, process_count: int) -> None:
+  """The mesh fits the devices and the global batch splits evenly over it and over the hosts."""
+  try:
+    ici, dcn = mesh_lib.mesh_shape(config.mesh, devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  degrees = {a: ici[a] * dcn[a] for a in mesh_lib.AXES}
+  rules = dict(mesh_lib.rules(config))
+  batch_axes = rules.get("batch") or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  dp = math.prod(degrees[a] for a in batch_axes)
+  if config.batch_size % dp:
+    raise ConfigError(
+        f"batch_size={config.batch_size} is not divisible by the data-parallel degree {dp} "
+        f"(" + " * ".join(f"{a}={degrees[a]}" for a in batch_axes) + ")")
+  if config.batch_size % process_count:
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the number of "
+                      f"processes {process_count}")
+
+
+def check_param_shardings(abstract_params, shardings, mesh) -> None:
+  """Every sharded param dimension divides evenly over its mesh axes (names the param and axes)."""
+  import jax  # local: keeps this module importable for value checks alone
+
+  def check(path, leaf, sharding):
+    for dim, axes in zip(leaf.shape, sharding.spec):
+      if axes is None:
+        continue
+      axes = (axes,) if isinstance(axes, str) else axes
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if dim % ways:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        raise ConfigError(
+            f"param {name} of shape {tuple(leaf.shape)} cannot be split: its dimension {dim} is "
+            f"not divisible by mesh axes {axes} = {ways} ways (check the model.* sizes against "
+            f"mesh.* degrees)")
+
+  jax.tree_util.tree_map_with_path(check, abstract_params, shardings)
+
+
+def validate(config, devices, process_count: int) -> None:
+  """All checks that need no model: values, then the mesh against these devices."""
+  check_values(config)
+  check_mesh(config, devices, process_count)
+
+
+def check_tokenizer(config, tokenizer) -> None:
+  """The model's embedding table must have a row for every id the tokenizer can produce."""
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(
+        f"the tokenizer data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids "
+        f"but model.vocab_size={config.model.vocab_size}; set model.vocab_size >= "
+        f"{tokenizer.vocab_size} (a multiple of 128 is fastest)")
+
+
+# ---------------------------------------------------------------- command-line parsing
+def _load_config_file(spec: str):
+  """Loads `path.py[:args]` the way --config does (only to explain a parse error)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_for_errors", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Names the first --config.a.b override whose field does not exist, with close matches."""
+  import difflib
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    i = argv.index("--config") if "--config" in argv else -1
+    spec = argv[i + 1] if 0 <= i < len(argv) - 1 else None
+  if spec is None:
+    return None
+  config = _load_config_file(spec)
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    dotted = arg[len("--config."):].split("=", 1)[0]
+    node, walked = config, []
+    for part in dotted.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        known = sorted(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(part, known, n=3)
+        where = ".".join(walked) or "the config"
+        hint = f"; did you mean {', '.join(repr('.'.join(walked + [c])) for c in close)}?" if close \
+            else ""
+        return (f"{arg}: '{dotted}' is not a config field ({where} has no '{part}'){hint}"
+                f"\n  fields of {where}: {', '.join(known)}")
+      node, walked = node[part], walked + [part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one clear line for config mistakes instead of a traceback."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a wrong type, a bad value or a bad config file: absl names the flag
+    message = str(e).strip()
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = _unknown_override(argv) or f"{type(e).__name__}: {e}"
+  raise SystemExit(f"config error: {message}")

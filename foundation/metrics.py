@@ -1,0 +1,130 @@
+"""What a run reports: a live console display, TensorBoard event files, metrics.jsonl, and MFU.
+
+Only process 0 writes; every process computes the same numbers.
+"""
+
+import json
+import os
+import time
+
+import jax
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets (TPU v4/v5e/v5p system
+# architecture pages; NVIDIA A100/H100/H200 SXM data sheets, without sparsity).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
+  """The device's dense bf16 peak, or None where it is not known (CPUs)."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  # Longest name first, so 'TPU v5 lite' wins over 'TPU v5'.
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if device_kind.startswith(name):
+      return PEAK_FLOPS[name]
+  return None
+
+
+class Throughput:
+  """Step time, tokens/s and MFU over the steps since the last report."""
+
+  def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops_total: float | None):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_per_step
+    self.peak_flops_total = peak_flops_total
+    self.start(0)
+
+  def start(self, step: int) -> None:
+    self.t0, self.step0 = time.perf_counter(), step
+
+  def report(self, step: int) -> dict:
+    seconds = time.perf_counter() - self.t0
+    steps = max(step - self.step0, 1)
+    step_time = seconds / steps
+    out = {"step_time": step_time, "tokens_per_sec": self.tokens_per_step / step_time,
+           "tflops_per_device": self.flops_per_step / step_time / jax.device_count() / 1e12}
+    if self.peak_flops_total:
+      out["mfu"] = self.flops_per_step / step_time / self.peak_flops_total
+    self.start(step)
+    return out
+
+
+def format_metrics(metrics: dict) -> str:
+  parts = []
+  for key, value in metrics.items():
+    if isinstance(value, float):
+      value = (f"{value:.3e}" if key == "lr" else f"{value:,.0f}" if key == "tokens_per_sec"
+               else f"{value:.1%}" if key == "mfu" else f"{value:.4g}")
+    parts.append(f"{key} {value}")
+  return "  ".join(parts)
+
+
+class Reporter:
+  """Console progress (a live bar on a terminal, plain lines otherwise), TensorBoard, metrics.jsonl."""
+
+  def __init__(self, workdir: str, total_steps: int, first_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.console = Console(highlight=False)
+    self.progress = None
+    self.tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+    self.tb = SummaryWriter(logdir=workdir)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    if self.console.is_terminal:
+      self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                               TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                               console=self.console)
+      self.task = self.progress.add_task("train", total=total_steps, completed=first_step,
+                                         status="compiling…")
+      self.progress.start()
+
+  def print(self, text: str) -> None:
+    if self.enabled:
+      self.console.print(text, markup=False)
+
+  def advance(self, step: int, status: str | None = None) -> None:
+    if self.progress is not None:
+      fields = {"status": status} if status is not None else {}
+      self.progress.update(self.task, completed=step, **fields)
+
+  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    """Records scalars at `step` under prefix/ in TensorBoard and metrics.jsonl, and prints them."""
+    if not self.enabled:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    for key, value in metrics.items():
+      self.tb.add_scalar(f"{prefix}/{key}", value, step)
+    self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+    self.jsonl.flush()
+    line = f"{prefix} step {step:>6}  {format_metrics(metrics)}"
+    self.print(line)
+    if prefix == "train":
+      self.advance(step, format_metrics({k: metrics[k] for k in ("loss", "tokens_per_sec")
+                                         if k in metrics}))
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    if self.enabled:
+      self.tb.add_text(tag, text, step)
+
+  def close(self) -> None:
+    if not self.enabled:
+      return
+    if self.progress is not None:
+      self.progress.stop()
+    self.tb.close()
+    self.jsonl.close()

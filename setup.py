@@ -1,0 +1,31 @@
+"""foundation: pre-train foundation models with JAX/Flax on TPUs and GPUs, then adapt them."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="foundation",
+    version="0.1.0",
+    description="Pre-train LLaMA-style foundation models with JAX/Flax over a device mesh.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["foundation", "foundation.*", "configs"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py",
+        "numpy",
+        "rich",               # the live console progress display
+        "tensorboardX",       # TensorBoard event files without needing TensorFlow (GPU images lack it)
+        # tf.data input. The code imports TensorFlow only where a tf.data source is used, so a GPU
+        # image without it (`pip install --no-deps -e .`) still trains on the synthetic source.
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tensorflow-datasets 4.9.10 imports it without declaring it
+        "sentencepiece>=0.2",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+    },
+)
