@@ -112,14 +112,6 @@ def validate(config, devices, process_count: int) -> None:
   check_mesh(config, devices, process_count)
 
 
-def check_tokenizer(config, tokenizer) -> None:
-  """The model's embedding table must have a row for every id the tokenizer can produce."""
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ConfigError(
-        f"the tokenizer data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids "
-        f"but model.vocab_size={config.model.vocab_size}; set model.vocab_size >= "
-        f"{tokenizer.vocab_size} (a multiple of 128 is fastest)")
-
 
 # ---------------------------------------------------------------- command-line parsing
 def _load_config_file(spec: str):

@@ -92,8 +92,8 @@ def make_train_step(model, optimizer, config):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], batch)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "lr": schedule(state["step"])}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step

@@ -45,8 +45,11 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Devices and checks
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
-  tokenizer = data.make_tokenizer(config.data.tokenizer)
-  config_lib.check_tokenizer(config, tokenizer)
+  try:
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    data.check_vocab_size(tokenizer, config)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   reporter = metrics_lib.Reporter(workdir, config.steps)
   reporter.print(f"foundation: {config.size} model, {jax.device_count()} {jax.devices()[0].platform}"
                  f" devices, workdir {workdir}")

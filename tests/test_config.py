@@ -124,8 +124,7 @@ def test_tensor_degree_must_divide_kv_heads_before_compile():
 
 
 def test_tokenizer_larger_than_the_vocabulary():
-  class Tokenizer:
-    vocab_size = 1000
-
-  with pytest.raises(config_lib.ConfigError, match="has 1000 ids but model.vocab_size=384"):
-    config_lib.check_tokenizer(make_config(), Tokenizer())
+  from foundation import data
+  with pytest.raises(ValueError, match="the tokenizer data.tokenizer='byte' has vocab_size 259, "
+                     "more than model.vocab_size=256"):
+    data.check_vocab_size(data.make_tokenizer("byte"), make_config(model__vocab_size=256))

@@ -93,7 +93,7 @@ def test_params_are_really_split_as_the_rules_say():
   # The Adam moments follow the params they belong to.
   mu = shardings["opt_state"]
   specs = {str(s.spec) for s in jax.tree.leaves(mu)}
-  assert "PartitionSpec(None, 'fsdp', 'tensor', None)" in specs
+  assert "P(None, 'fsdp', 'tensor', None)" in specs
 
 
 def test_fsdp_stores_one_eighth_of_each_split_param_per_device():

@@ -1,0 +1,199 @@
+"""The pieces of a LLaMA decoder block: RMSNorm, rotary embeddings, grouped-query attention,
+SwiGLU MLP, the token embedding and the output projection.
+
+Every param carries logical axis names (`nn.with_logical_partitioning`) and the key activations
+are constrained by logical names (`nn.with_logical_constraint`); `config.mesh.rules` maps them to
+mesh axes. Params are created in `cfg.param_dtype` and cast to the compute `cfg.dtype` where they
+are used. No layer has a bias.
+
+Init scheme (LeCun / MaxText style; the forward pass has no multipliers, so Hugging Face LLaMA
+weights import unchanged):
+  * every projection kernel: truncated normal, std 1/sqrt(fan_in), so each matmul keeps its
+    input's scale;
+  * untied input embedding: normal(1.0), so the residual stream starts at the same RMS (1) as the
+    branch outputs added to it; RMSNorm before every branch makes the absolute scale harmless;
+  * tied embedding: normal(1/sqrt(d_model)) -- the table is also the output projection, and this is
+    that projection's fan-in init: logits of RMS-normalised features start with std ~1;
+  * RMSNorm scales: ones.
+"""
+
+from typing import TYPE_CHECKING
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  from foundation.models.transformer import ModelConfig
+
+Array = jax.Array
+
+kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+# Logical names of the activations (mapped to mesh axes by the `act_*` rules).
+RESIDUAL = ("batch", "length", "act_embed")
+Q_HEADS = ("batch", "length", "act_heads", "head_dim")
+KV_HEADS = ("batch", "length", "act_kv_heads", "head_dim")
+MLP_HIDDEN = ("batch", "length", "act_mlp")
+LOGITS = ("batch", "length", "act_vocab")
+
+
+class Dense(nn.Module):
+  """Bias-free projection: x [..., *in] @ kernel [*in, *features] -> [..., *features], `cfg.dtype`.
+
+  Contracts the last `n_in` axes of x. Not nn.DenseGeneral: it initialises a flattened 2-D kernel
+  and unboxes that under the kernel's 3-D logical names, a rank error under a mesh with logical
+  rules (tests/test_model.py::test_sharded_apply_matches_unsharded).
+  """
+  cfg: "ModelConfig"
+  features: tuple[int, ...]
+  names: tuple[str, ...]   # logical names of the kernel's axes
+  n_in: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    shape = (*x.shape[x.ndim - self.n_in:], *self.features)
+    init = nn.initializers.variance_scaling(  # fan_in = product of all contracted axes
+        1.0, "fan_in", "truncated_normal",
+        in_axis=tuple(range(self.n_in)), out_axis=tuple(range(self.n_in, len(shape))))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), shape,
+                        self.cfg.params_dtype)
+    x, kernel = x.astype(self.cfg.compute_dtype), kernel.astype(self.cfg.compute_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale over the last axis, computed in float32; returns `cfg.dtype`."""
+  cfg: "ModelConfig"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.cfg.params_dtype)
+    # bf16 has too few mantissa bits for a mean of squares over thousands of features.
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (x * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary position embedding, Hugging Face LLaMA "rotate-half" layout.
+
+  Pairs feature i with feature i + head_dim/2 (not adjacent features), as HF `LlamaForCausalLM`
+  does, so its q/k weights load without a permutation.
+
+  Args:
+    x: [B, L, N, H] queries or keys, any float dtype.
+    positions: int [B, L] position of each token in its own document (packed rows restart at 0).
+    theta: the rotary base (`rope_theta`).
+  Returns:
+    [B, L, N, H], the dtype of `x`.
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)       # [H/2]
+  # Angles reach max_seq_len radians: float32, never bf16 (which cannot even represent 257).
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq                  # [B, L, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]            # [B, L, 1, H]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def attention_mask(segment_ids: Array) -> Array:
+  """bool [B, 1, L, L]: query t sees key s iff s <= t, same segment, and the key is not padding.
+
+  `segment_ids` int [B, L]: 0 is padding, equal ids are one document. Causality is by index in
+  the row (positions restart per document, so they cannot order tokens of different documents).
+  """
+  length = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  real_key = (segment_ids != 0)[:, None, :]
+  return (causal[None] & same & real_key)[:, None]
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary embeddings: [B, L, D] -> [B, L, D]."""
+  cfg: "ModelConfig"
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+    cfg = self.cfg
+    q = Dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), name="q")(x)
+    k = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), name="k")(x)
+    v = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), name="v")(x)
+    q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta), Q_HEADS)
+    k = nn.with_logical_constraint(rotary(k, positions, cfg.rope_theta), KV_HEADS)
+    v = nn.with_logical_constraint(v, KV_HEADS)
+    # K < N heads is grouped-query attention natively: no repeat of k/v in memory.
+    # The mask already holds causality; is_causal also lets cuDNN skip the upper triangle.
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=attention_mask(segment_ids), is_causal=cfg.attention == "cudnn",
+        implementation=cfg.attention)
+    out = nn.with_logical_constraint(out, Q_HEADS)
+    return Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, name="o")(out)
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward: wo(silu(x @ wi_gate) * (x @ wi_up)), [B, L, D] -> [B, L, D]."""
+  cfg: "ModelConfig"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    gate = Dense(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="wi_gate")(x)
+    up = Dense(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="wi_up")(x)
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, MLP_HIDDEN)
+    return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), name="wo")(hidden)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)).
+
+  Returns (x, None): a scan carry and no per-layer output, so `nn.scan` takes the class as is.
+  """
+  cfg: "ModelConfig"
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> tuple[Array, None]:
+    cfg = self.cfg
+    h = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions, segment_ids)
+    x = nn.with_logical_constraint(x + h, RESIDUAL)
+    h = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+    x = nn.with_logical_constraint(x + h, RESIDUAL)
+    return x, None
+
+
+class Embed(nn.Module):
+  """The token table [vocab, D]: `__call__` looks tokens up; `attend` is the tied output layer."""
+  cfg: "ModelConfig"
+
+  def setup(self):
+    std = self.cfg.d_model ** -0.5 if self.cfg.tie_embeddings else 1.0
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(std), ("vocab", "embed")),
+        (self.cfg.vocab_size, self.cfg.d_model), self.cfg.params_dtype)
+
+  def __call__(self, tokens: Array) -> Array:
+    """int [B, L] -> [B, L, D] in `cfg.dtype` (gather first: cheaper than casting the table)."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.cfg.compute_dtype)
+
+  def attend(self, x: Array) -> Array:
+    """[B, L, D] -> float32 logits [B, L, vocab]."""
+    table = self.embedding.astype(self.cfg.compute_dtype)
+    return jnp.einsum("bld,vd->blv", x, table, preferred_element_type=jnp.float32)
+
+
+class Unembed(nn.Module):
+  """The untied output projection, kernel [D, vocab]: [B, L, D] -> float32 logits [B, L, vocab]."""
+  cfg: "ModelConfig"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(kernel_init, ("embed", "vocab")),
+                        (self.cfg.d_model, self.cfg.vocab_size), self.cfg.params_dtype)
+    # Multiply in the compute dtype, accumulate and return float32: the softmax needs the precision.
+    kernel = kernel.astype(self.cfg.compute_dtype)
+    return jnp.einsum("bld,dv->blv", x, kernel, preferred_element_type=jnp.float32)
