@@ -78,16 +78,16 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> Non
       meta=ocp.args.JsonSave(run_metadata(step))))
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator):
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
   """Restores `step` straight into the shardings that `abstract_state` carries.
 
-  abstract_state: a tree of jax.ShapeDtypeStruct with `sharding` set; the iterator is moved to
-  the saved position in place. Returns the restored state.
+  abstract_state: a tree of jax.ShapeDtypeStruct with `sharding` set. A given data iterator is
+  moved to the saved position in place. Returns the restored state.
   """
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state),
-      data=DataIteratorRestore(data_iterator)))
-  return restored["state"]
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items["data"] = DataIteratorRestore(data_iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
 def write_config(workdir: str, config) -> None:

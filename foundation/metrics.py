@@ -76,7 +76,8 @@ class Reporter:
 
   def __init__(self, workdir: str, total_steps: int, first_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self.console = Console(highlight=False)
+    # Log files and CI get whole lines, not lines wrapped at 80 columns.
+    self.console = Console(highlight=False, width=None if Console().is_terminal else 200)
     self.progress = None
     self.tb = None
     if not self.enabled:

@@ -84,9 +84,8 @@ def make_train_step(model, optimizer, config):
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
                          batch["segment_ids"])
-    ce, z, n_tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"],
-                                    config.optim.z_loss)
-    return ce + z, {"loss": ce, "z_loss": z, "tokens": n_tokens}
+    ce, z, _ = cross_entropy(logits, batch["targets"], batch["loss_mask"], config.optim.z_loss)
+    return ce + z, {"loss": ce, **({"z_loss": z} if config.optim.z_loss else {})}
 
   def train_step(state, batch):
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], batch)

@@ -77,11 +77,12 @@ def test_demo_config_learns_on_the_embedded_corpus(tmp_path):
 
 def test_the_command_line_run_writes_a_complete_workdir(tmp_path):
   workdir = tmp_path / "cli"
-  result = subprocess.run(
-      [sys.executable, "-m", "foundation.train", "--config", "configs/lm.py:size=test",
-       "--workdir", str(workdir), "--config.steps=12", "--config.checkpoint.keep=2",
+  config_file = os.path.join(ROOT, "configs", "lm.py")
+  result = subprocess.run(  # a relative --workdir, as users type it
+      [sys.executable, "-m", "foundation.train", "--config", f"{config_file}:size=test",
+       "--workdir", "cli", "--config.steps=12", "--config.checkpoint.keep=2",
        "--config.checkpoint.every=4"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "mesh (data=1, fsdp=8, tensor=1) over 8 cpu devices" in out
@@ -103,8 +104,8 @@ def test_the_command_line_run_writes_a_complete_workdir(tmp_path):
 
   # Run again: already at the last step, it resumes and only prints the sample.
   again = subprocess.run(
-      [sys.executable, "-m", "foundation.train", "--config", "configs/lm.py:size=test",
-       "--workdir", str(workdir), "--config.steps=12"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [sys.executable, "-m", "foundation.train", "--config", f"{config_file}:size=test",
+       "--workdir", "cli", "--config.steps=12"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resumed from the checkpoint at step 12" in again.stdout
