@@ -52,6 +52,8 @@ ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)(DataIterat
 
 # ---------------------------------------------------------------- the manager
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  if "://" not in workdir:
+    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; users type relative ones
   return ocp.CheckpointManager(
       epath.Path(workdir) / "checkpoints",
       options=ocp.CheckpointManagerOptions(

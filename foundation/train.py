@@ -42,8 +42,6 @@ def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict:
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the run in `workdir`; returns the last train and eval metrics."""
-  if "://" not in workdir:
-    workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; users type relative ones
   # ------------------------------------------------------------------ Devices and checks
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
