@@ -24,6 +24,10 @@ setup(
         "tensorflow-datasets>=4.9",
         "importlib_resources",  # tensorflow-datasets 4.9.10 imports it without declaring it
         "sentencepiece>=0.2",
+        # Hugging Face interop and evaluation (foundation/hf.py, evaluate.py); none needs torch.
+        "safetensors>=0.4",   # HF weights, read lazily tensor by tensor
+        "tokenizers>=0.15",   # an imported model's tokenizer.json
+        "sacrebleu>=2.3",     # BLEU for generation tasks
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],

@@ -26,14 +26,21 @@ def parse_arg(arg: str | None, **defaults) -> dict:
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  """Mesh degrees. In-slice (ici) degrees and their across-slice `dcn_` twins; -1 fills the rest."""
+  """Mesh degrees. In-slice (ici) degrees and their across-slice `dcn_` twins; -1 fills the rest.
+
+  data: plain data parallelism (params replicated); fsdp: data parallelism with params, grads and
+  optimizer state split (ZeRO-3); sequence: activations split along the sequence (context
+  parallelism); tensor: heads and MLP width split (Megatron-style).
+  """
   return ml_collections.ConfigDict(dict(
-      data=1, fsdp=-1, tensor=1,
-      dcn_data=-1, dcn_fsdp=1, dcn_tensor=1,
+      data=1, fsdp=-1, sequence=1, tensor=1,
+      dcn_data=-1, dcn_fsdp=1, dcn_sequence=1, dcn_tensor=1,
+      # ZeRO-1: also split the optimizer state over `data` (params stay replicated there).
+      zero1=False,
       # Logical axis name -> mesh axes. Changing a parallelism layout is a flag, not a code change.
       rules=(
           ("batch", ("data", "fsdp")),
-          ("length", None),
+          ("length", "sequence"),
           ("embed", "fsdp"),
           ("heads", "tensor"),
           ("kv_heads", "tensor"),
@@ -70,12 +77,20 @@ def optim_config() -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # 'embedded' (the Python standard library's .py sources), 'files:GLOB', 'tfds:NAME',
-      # or 'synthetic' (random tokens, for benchmarks on machines without TensorFlow).
+      # 'prepared:DIR' (written by python -m foundation.data.prepare), or 'synthetic' (random
+      # tokens, for benchmarks on machines without TensorFlow).
       source="embedded",
+      # A weighted mixture instead of `source`: 'SOURCE:WEIGHT,SOURCE:WEIGHT', e.g.
+      # 'tfds:c4/en:0.8,files:/data/*.txt:0.2' (weights are shares of tokens; '' uses `source`).
+      mixture="",
       tfds_data_dir="",       # where TFDS datasets are prepared; '' means TFDS's default
       train_split="train",    # TFDS split names
       eval_split="validation",
-      text_feature="text",    # the TFDS feature holding the text
+      # files: 'auto' (by extension: .jsonl/.json -> jsonl, .tfrecord* -> tfrecord, else text),
+      # 'text' (a file is a document), 'jsonl' (a line is), 'tfrecord' (a tf.train.Example is).
+      file_format="auto",
+      text_feature="text",    # the TFDS feature, JSONL field or TFRecord bytes feature of the text
+      invalid_utf8="fail",    # a document that is not UTF-8: 'fail' (name it) or 'skip' (print it)
       eval_fraction=0.02,     # for file sources: share of files held out for eval (by name hash)
       tokenizer="byte",       # 'byte' or the path of a SentencePiece .model file
       shuffle_buffer=1024,    # packed rows
@@ -95,6 +110,22 @@ def eval_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       every=100,      # evaluate every M steps (and at step 0 and at the end); 0 disables it
       steps=8,        # eval batches per evaluation
+  ))
+
+
+def evaluate_config() -> ml_collections.ConfigDict:
+  """Task evaluators (foundation/evaluate.py): `python -m foundation.evaluate`, or periodically in
+  training. `eval.*` above is the trainer's own held-out loss."""
+  return ml_collections.ConfigDict(dict(
+      every=0,                 # run the tasks every N train steps; 0 disables it
+      tasks="perplexity",      # comma-separated: 'perplexity', 'mc:FILE.jsonl', 'gen:FILE.jsonl'
+      shots=0,                 # solved examples (from the same file) before each question
+      metric="exact_match",    # generation tasks: 'exact_match' or 'bleu' (sacrebleu)
+      max_new_tokens=32,       # generation tasks: the longest answer, in tokens
+      limit=0,                 # at most this many examples per task; 0 means all
+      batch_size=8,            # rows per batch, rounded up to the data-parallel degree
+      delimiter=" ",           # between a context and its answer
+      seed=0,                  # which few-shot examples
   ))
 
 

@@ -65,7 +65,21 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       param_dtype="float32",
       attention="xla",         # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn' (GPU)
       scan_layers=True,        # one compiled layer scanned n_layers times (fast compiles)
-      remat_policy="none",     # 'none', 'full' or 'dots' (save matmul outputs, recompute the rest)
+      # Rematerialisation, most memory to least: 'none', 'minimal' (save all matmul outputs),
+      # 'dots' (save weight-matmul outputs, recompute attention), 'full' (save block inputs only).
+      remat_policy="none",
+      # Make logits and cross-entropy this many positions at a time (0: all at once). Saves the
+      # float32 [batch, seq_len, vocab] tensor, which dominates memory for large vocabularies.
+      logits_chunk=0,
+      # Pre-trained families (`python -m foundation.hf import` sets these from an HF config.json);
+      # the defaults are the plain LLaMA architecture.
+      qkv_bias=False,          # biases on the q/k/v projections (Qwen2)
+      rope_scaling="none",     # 'none' or 'llama3' (Llama 3.1+: low rotary frequencies scaled)
+      rope_scaling_factor=8.0,     # llama3: low frequencies are divided by this
+      rope_low_freq_factor=1.0,    # llama3: wavelengths above original_max_len / this are scaled
+      rope_high_freq_factor=4.0,   # llama3: wavelengths below original_max_len / this are kept
+      rope_original_max_len=8192,  # llama3: the context length of the model's first training
+      sliding_window=0,        # attend to the last N tokens only (Mistral); 0: the whole context
   ))
 
 
@@ -81,6 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.steps = steps
   config.batch_size = batch_size   # global, over all hosts and devices
+  config.grad_accum = 1            # micro-batches per step (each batch_size / grad_accum rows)
   config.seq_len = seq_len
   config.model = model_config(size)
   config.mesh = common.mesh_config()

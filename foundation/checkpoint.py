@@ -4,7 +4,8 @@ Layout of a workdir:
   config.json                   the run's config (written once, at start)
   checkpoints/<step>/state/     params + optimizer state + step (Orbax, sharded arrays)
   checkpoints/<step>/data/      each process's input-iterator position (process_<i>of<n>.*)
-  checkpoints/<step>/meta/      JSON: step, versions, time
+  checkpoints/<step>/meta/      JSON: step, versions, time; `data`: the sources, the tokenizer's
+                                sha256, vocab, seq_len and host count behind the data position
 Orbax writes a step to a temporary folder and renames it when every process has finished, so only
 complete checkpoints are ever visible; `latest_step()` sees only those.
 """
@@ -67,9 +68,13 @@ def make_manager(workdir: str, config) -> ocp.CheckpointManager:
       })
 
 
-def run_metadata(step: int) -> dict:
-  return {"step": int(step), "time": time.time(), "jax": jax.__version__,
+def run_metadata(step: int, data_iterator=None) -> dict:
+  meta = {"step": int(step), "time": time.time(), "jax": jax.__version__,
           "process_count": jax.process_count(), "device_count": jax.device_count()}
+  if hasattr(data_iterator, "description"):
+    # What the data position belongs to; data.check_resume compares it before a restore.
+    meta["data"] = data_iterator.description()
+  return meta
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
@@ -77,7 +82,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> Non
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=DataIteratorSave(data_iterator),
-      meta=ocp.args.JsonSave(run_metadata(step))))
+      meta=ocp.args.JsonSave(run_metadata(step, data_iterator))))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
@@ -90,6 +95,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   if data_iterator is not None:
     items["data"] = DataIteratorRestore(data_iterator)
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The metadata JSON saved with `step` (no arrays are read)."""
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def write_config(workdir: str, config) -> None:

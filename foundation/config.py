@@ -17,10 +17,10 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ("xla", "cudnn"),
-    "model.remat_policy": ("none", "full", "dots"),
+    "model.remat_policy": ("none", "minimal", "dots", "full"),
 }
 
-POSITIVE = ("steps", "batch_size", "seq_len", "model.vocab_size", "model.d_model",
+POSITIVE = ("steps", "batch_size", "grad_accum", "seq_len", "model.vocab_size", "model.d_model",
             "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
             "model.mlp_dim", "model.max_seq_len", "checkpoint.keep", "log.every")
 
@@ -47,6 +47,9 @@ def check_values(config) -> None:
         f"grouped-query attention shares each kv head among n_heads / n_kv_heads query heads")
   if m.head_dim % 2:
     raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+  if m.logits_chunk < 0 or (m.logits_chunk and config.seq_len % m.logits_chunk):
+    raise ConfigError(f"model.logits_chunk={m.logits_chunk} must be 0 (off) or divide "
+                      f"seq_len={config.seq_len}")
   if config.seq_len > m.max_seq_len:
     raise ConfigError(
         f"seq_len={config.seq_len} is longer than the model allows: "
@@ -60,30 +63,51 @@ def check_values(config) -> None:
                       f"eval.every={config.eval.every} > 0")
   if config.checkpoint.every <= 0:
     raise ConfigError(f"checkpoint.every={config.checkpoint.every} must be positive")
-  kind = config.data.source.split(":", 1)[0]
-  if kind not in ("embedded", "files", "tfds", "synthetic"):
-    raise ConfigError(f"data.source={config.data.source!r}: the kind must be one of 'embedded', "
-                      f"'files:GLOB', 'tfds:NAME', 'synthetic'")
+
+
+# Model sizes split by a logical axis, and the field that sets each.
+SPLIT_SIZES = {
+    "heads": "model.n_heads",
+    "kv_heads": "model.n_kv_heads",
+    "mlp": "model.mlp_dim",
+    "vocab": "model.vocab_size",
+    "embed": "model.d_model",
+    "length": "seq_len",
+}
 
 
 def check_mesh(config, devices, process_count: int) -> None:
-  """The mesh fits the devices and the global batch splits evenly over it and over the hosts."""
+  """The mesh fits the devices, and everything the rules split divides evenly over its axes."""
   try:
     ici, dcn = mesh_lib.mesh_shape(config.mesh, devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   degrees = {a: ici[a] * dcn[a] for a in mesh_lib.AXES}
   rules = dict(mesh_lib.rules(config))
-  batch_axes = rules.get("batch") or ()
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-  dp = math.prod(degrees[a] for a in batch_axes)
+
+  def split(name):
+    """(number of ways the logical axis `name` is split, 'axis=n * ...' to show it)."""
+    axes = rules.get(name) or ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(degrees[a] for a in axes), " * ".join(f"mesh.{a}={degrees[a]}" for a in axes)
+
+  dp, dp_text = split("batch")
   if config.batch_size % dp:
-    raise ConfigError(
-        f"batch_size={config.batch_size} is not divisible by the data-parallel degree {dp} "
-        f"(" + " * ".join(f"{a}={degrees[a]}" for a in batch_axes) + ")")
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by the data-parallel "
+                      f"degree {dp} ({dp_text})")
+  if config.batch_size % (dp * config.grad_accum):
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by grad_accum="
+                      f"{config.grad_accum} micro-batches x the data-parallel degree {dp}: each "
+                      f"micro-batch must split evenly over {dp_text}")
   if config.batch_size % process_count:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the number of "
                       f"processes {process_count}")
+  for name, field in SPLIT_SIZES.items():
+    ways, text = split(name)
+    size = _get(config, field)
+    if size % ways:
+      raise ConfigError(f"{field}={size} cannot be split {ways} ways over {text} (logical axis "
+                        f"'{name}'): choose degrees that divide it")
 
 
 def check_param_shardings(abstract_params, shardings, mesh) -> None:

@@ -1,6 +1,6 @@
 """The device mesh, logical-axis rules and shardings; multi-host start-up.
 
-Mesh axes are `data`, `fsdp` and `tensor`. Each has an in-slice (ici) degree, `config.mesh.<axis>`,
+Mesh axes are `data`, `fsdp`, `sequence` and `tensor`. Each has an in-slice (ici) degree, `config.mesh.<axis>`,
 and an across-slice (dcn) degree, `config.mesh.dcn_<axis>`; one degree of each kind may be -1 to fill
 what the others leave. The logical-axis rules (`config.mesh.rules`) map the names that the model puts
 on params and activations (`embed`, `heads`, `mlp`, ...) to these mesh axes.
@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 def initialize_distributed() -> None:
@@ -58,9 +58,20 @@ def _fill(degrees: dict[str, int], total: int, what: str) -> dict[str, int]:
   return degrees
 
 
+def _has_slices(devices) -> bool:
+  """TPU chips are joined by ICI across hosts within a slice; other devices only within a host."""
+  return devices[0].platform == "tpu"
+
+
 def num_slices(devices) -> int:
-  """Number of slices (TPU slices / GPU islands joined by the data-centre network)."""
-  return len({getattr(d, "slice_index", 0) for d in devices})
+  """Number of slices: TPU slices, or else hosts (processes), joined by the data-centre network.
+
+  GPU and CPU devices carry no slice index; their fast interconnect ends at the host, so each
+  process is one slice (granule) of the mesh.
+  """
+  if _has_slices(devices):
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
+  return len({d.process_index for d in devices})
 
 
 def mesh_shape(mesh_config, devices) -> tuple[dict[str, int], dict[str, int]]:
@@ -75,7 +86,7 @@ def mesh_shape(mesh_config, devices) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh; axis types are Auto (pjit-style sharding propagation)."""
+  """Builds the (data, fsdp, sequence, tensor) mesh; axis types are Auto (pjit-style sharding)."""
   devices = jax.devices() if devices is None else devices
   ici, dcn = mesh_shape(mesh_config, devices)
   ici_shape = [ici[a] for a in AXES]
@@ -84,14 +95,19 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     device_array = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
   else:
     device_array = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices, allow_split_physical_axes=True)
+        ici_shape, dcn_shape, devices, process_is_granule=not _has_slices(devices),
+        allow_split_physical_axes=True)
   return Mesh(device_array, AXES)
 
 
-def describe(mesh: Mesh) -> str:
-  shape = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
-  return (f"mesh ({shape}) over {mesh.devices.size} {mesh.devices.flat[0].platform} devices, "
-          f"{jax.process_count()} process(es)")
+def describe(mesh: Mesh, mesh_config) -> str:
+  """One line for the log: each axis's size, and its in-slice x across-slice split where it has one."""
+  devices = list(mesh.devices.flat)
+  ici, dcn = mesh_shape(mesh_config, devices)
+  axes = ", ".join(f"{a}={mesh.shape[a]}" + (f" ({ici[a]} in-slice x {dcn[a]} across)"
+                                             if dcn[a] > 1 else "") for a in AXES)
+  return (f"mesh ({axes}) over {len(devices)} {devices[0].platform} devices, "
+          f"{num_slices(devices)} slice(s), {jax.process_count()} process(es)")
 
 
 def rules(config) -> tuple:
@@ -103,6 +119,23 @@ def rules(config) -> tuple:
 def logical_to_sharding(logical_specs, mesh: Mesh, axis_rules):
   """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, axis_rules)
+
+
+def also_split_over(sharding: NamedSharding, shape, axis: str) -> NamedSharding:
+  """`sharding`, further split over mesh `axis` on the first dimension that divides evenly.
+
+  ZeRO-1 uses it for the optimizer state: each data-parallel replica keeps 1/n of the Adam
+  moments. Arrays with no such dimension (scalars, small vectors) stay as they were.
+  """
+  mesh, spec = sharding.mesh, list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  if mesh.shape[axis] == 1 or any(axis in ((p,) if isinstance(p, str) else p or ()) for p in spec):
+    return sharding
+  for i, (dim, part) in enumerate(zip(shape, spec)):
+    axes = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+    if dim % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]) == 0:
+      spec[i] = (axis, *axes) if axes else axis
+      return NamedSharding(mesh, P(*spec))
+  return sharding
 
 
 def batch_sharding(mesh: Mesh, axis_rules) -> NamedSharding:

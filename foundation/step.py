@@ -45,6 +45,10 @@ def state_shardings(model, optimizer, config, mesh: Mesh):
       functools.partial(_boxed_state, model, optimizer, config), jax.random.key(0))
   specs = nn.get_partition_spec(boxed)
   shardings = mesh_lib.logical_to_sharding(specs, mesh, axis_rules)
+  if config.mesh.zero1:
+    shardings["opt_state"] = jax.tree.map(
+        lambda x, s: mesh_lib.also_split_over(s, x.shape, "data"),
+        nn.unbox(boxed)["opt_state"], shardings["opt_state"])
   abstract = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
   config_lib.check_param_shardings(abstract["params"], shardings["params"], mesh)
@@ -56,43 +60,108 @@ def init_state(model, optimizer, config, mesh: Mesh, shardings):
   init = jax.jit(
       lambda rng: nn.unbox(_boxed_state(model, optimizer, config, rng)),
       out_shardings=shardings)
-  # No mesh context here: out_shardings alone lay the state out, and Flax would otherwise constrain
-  # DenseGeneral kernels, which it initialises flattened, with their unflattened names.
-  with nn.logical_axis_rules(mesh_lib.rules(config)):
+  with sharding_context(config, mesh):
     return init(jax.random.key(config.seed))
 
 
-def cross_entropy(logits, targets, loss_mask, z_loss: float = 0.0):
-  """Mean token cross-entropy over loss_mask, and the PaLM z-loss term (both float32 scalars).
+def cross_entropy_sums(logits, targets, loss_mask):
+  """Token cross-entropy and log(Z)^2 (the PaLM z-loss term), summed over loss_mask.
 
-  logits: float32 [B, L, V]; targets, loss_mask: int32 [B, L]. Returns (ce_mean, z_mean, n_tokens).
+  logits: [B, L, V] (computed in float32 here); targets, loss_mask: int [B, L].
+  Returns float32 scalars (ce_sum, z_sum). Sums, not means, so that micro-batches, chunks and
+  hosts add up exactly; divide by the token count once.
   """
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   mask = loss_mask.astype(jnp.float32)
-  n_tokens = jnp.maximum(mask.sum(), 1.0)
-  ce = ((log_z - target_logit) * mask).sum() / n_tokens
-  z = z_loss * ((log_z ** 2) * mask).sum() / n_tokens
-  return ce, z, n_tokens
+  return ((log_z - target_logit) * mask).sum(), (jnp.square(log_z) * mask).sum()
+
+
+def loss_sums(model, params, batch, chunk: int = 0):
+  """(ce_sum, z_sum) of the model on one batch.
+
+  chunk > 0: the logits are made `chunk` positions at a time inside a rematerialised scan, so the
+  float32 [batch, seq, vocab] tensor never exists whole, forward or backward; only [batch, chunk,
+  vocab] does. Same numbers, less memory, a second output matmul in the backward pass.
+  """
+  args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  if not chunk or chunk >= batch["inputs"].shape[1]:
+    logits = model.apply({"params": params}, *args)
+    return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
+  hidden = model.apply({"params": params}, *args, return_hidden=True)
+
+  def by_chunk(x):  # [B, L, ...] -> [L / chunk, B, chunk, ...]
+    x = x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "batch", "length", "act_embed")[:x.ndim])
+
+  @jax.checkpoint
+  def chunk_sums(hidden_chunk, targets, loss_mask):
+    logits = nn.with_logical_constraint(
+        transformer.output_logits(model.cfg, params, hidden_chunk), ("batch", "length", "act_vocab"))
+    return cross_entropy_sums(logits, targets, loss_mask)
+
+  def add_chunk(sums, chunk_inputs):
+    ce, z = chunk_sums(*chunk_inputs)
+    return (sums[0] + ce, sums[1] + z), None
+
+  chunks = (by_chunk(hidden), by_chunk(batch["targets"]), by_chunk(batch["loss_mask"]))
+  sums, _ = jax.lax.scan(add_chunk, (jnp.float32(0), jnp.float32(0)), chunks)
+  return sums
+
+
+def split_micro_batches(batch, n: int):
+  """[B, ...] arrays -> [n, B / n, ...] without moving data between devices.
+
+  Row r goes to micro-batch r % n: every device's contiguous block of rows holds an equal share of
+  each micro-batch, so the split keeps the batch sharding (the rows' order within the summed
+  gradient does not matter).
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "batch", "length"))
+  return jax.tree.map(split, batch)
 
 
 def make_train_step(model, optimizer, config):
-  """step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
-  schedule = optim.learning_rate_schedule(config)
+  """step(state, batch) -> (state, metrics); pure, to be jitted with shardings.
 
-  def loss_fn(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"])
-    ce, z, _ = cross_entropy(logits, batch["targets"], batch["loss_mask"], config.optim.z_loss)
-    return ce + z, {"loss": ce, **({"z_loss": z} if config.optim.z_loss else {})}
+  With config.grad_accum = n > 1 the batch is processed as n micro-batches in a lax.scan, the
+  gradients summed: the same update as one step on the whole batch, with 1/n of the activations.
+  """
+  schedule = optim.learning_rate_schedule(config)
+  z_weight = config.optim.z_loss
+
+  def scaled_loss(params, batch, n_tokens):
+    ce_sum, z_sum = loss_sums(model, params, batch, config.model.logits_chunk)
+    return (ce_sum + z_weight * z_sum) / n_tokens, (ce_sum, z_sum)
+
+  grad_fn = jax.grad(scaled_loss, has_aux=True)
+
+  def accumulated_grads(params, batch, n_tokens):
+    def add_micro(carry, micro):
+      grads, ce_sum, z_sum = carry
+      g, (ce, z) = grad_fn(params, micro, n_tokens)
+      return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, z_sum + z), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, ce_sum, z_sum), _ = jax.lax.scan(
+        add_micro, (zeros, jnp.float32(0), jnp.float32(0)),
+        split_micro_batches(batch, config.grad_accum))
+    return grads, (ce_sum, z_sum)
 
   def train_step(state, batch):
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], batch)
+    n_tokens = jnp.maximum(batch["loss_mask"].sum().astype(jnp.float32), 1.0)
+    if config.grad_accum > 1:
+      grads, (ce_sum, z_sum) = accumulated_grads(state["params"], batch, n_tokens)
+    else:
+      grads, (ce_sum, z_sum) = grad_fn(state["params"], batch, n_tokens)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": ce_sum / n_tokens, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
+    if z_weight:
+      metrics["z_loss"] = z_weight * z_sum / n_tokens
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return train_step
@@ -102,10 +171,8 @@ def make_eval_step(model, config):
   """eval_step(params, batch) -> {'loss_sum', 'tokens'}: sums, so hosts and batches add up exactly."""
 
   def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"])
-    ce, _, n_tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return {"loss_sum": ce * n_tokens, "tokens": batch["loss_mask"].sum()}
+    ce_sum, _ = loss_sums(model, params, batch, config.model.logits_chunk)
+    return {"loss_sum": ce_sum, "tokens": batch["loss_mask"].sum()}
 
   return eval_step
 

@@ -16,18 +16,22 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from foundation.data import sources
+from foundation.data import documents
 from foundation.data import tokenizers
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 1000, "Pieces in the trained model, specials "
-                                   "and the 256 byte pieces included.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the .model file.", required=True)
-_MAX_DOCS = flags.DEFINE_integer("max_docs", 100_000, "Train on at most this many documents "
-                                 "(0: all of them).")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"],
-                                "SentencePiece algorithm.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a command, so that importing this module
+  (tests, notebooks) never collides with another command's --config."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  flags.DEFINE_integer("vocab_size", 1000, "Pieces in the trained model, specials and the 256 "
+                       "byte pieces included.")
+  flags.DEFINE_string("output", None, "Where to write the .model file.", required=True)
+  flags.DEFINE_integer("max_docs", 100_000, "Train on at most this many documents (0: all).")
+  flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece algorithm.")
+
 
 # Sentences (lines) SentencePiece samples from the documents: bounds the trainer's memory.
 _MAX_SENTENCES = 2_000_000
@@ -82,16 +86,17 @@ def _write(path: str, data: bytes) -> None:
 
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value
+  config = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config configs/lm.py:size=tiny")
-  documents = sources.iterate_train_documents(config, _MAX_DOCS.value)
-  model = train_sentencepiece(documents, _VOCAB_SIZE.value, _MODEL_TYPE.value)
-  _write(_OUTPUT.value, model)
-  vocab_size = tokenizers.SentencePieceTokenizer(model, _OUTPUT.value).vocab_size
-  print(f"wrote {_OUTPUT.value} (vocab_size={vocab_size}, source={config.data.source!r}); "
-        f"use it with --config.data.tokenizer={_OUTPUT.value}")
+  texts = documents.iterate_train_documents(config, FLAGS.max_docs)
+  model = train_sentencepiece(texts, FLAGS.vocab_size, FLAGS.model_type)
+  _write(FLAGS.output, model)
+  vocab_size = tokenizers.SentencePieceTokenizer(model, FLAGS.output).vocab_size
+  print(f"wrote {FLAGS.output} (vocab_size={vocab_size}, source={config.data.source!r}); "
+        f"use it with --config.data.tokenizer={FLAGS.output}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

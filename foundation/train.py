@@ -56,7 +56,7 @@ def train(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ Mesh
   mesh = mesh_lib.make_mesh(config.mesh)
-  reporter.print(mesh_lib.describe(mesh))
+  reporter.print(mesh_lib.describe(mesh, config.mesh))
   batch_sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
 
   # ------------------------------------------------------------------ Model, optimizer, shardings
@@ -70,9 +70,15 @@ def train(config, workdir: str) -> dict:
                  f"(PaLM formula), batch {config.batch_size} x {config.seq_len} tokens")
 
   # ------------------------------------------------------------------ Input
-  train_iter = data.make_train_iterator(config, jax.process_index(), jax.process_count())
-  eval_batches = (data.make_eval_batches(config, jax.process_index(), jax.process_count())
-                  if config.eval.every > 0 else [])
+  try:  # a bad source, glob, feature, mixture or tokenizer is a config error, not a traceback
+    train_iter = data.make_train_iterator(config, jax.process_index(), jax.process_count())
+    eval_batches = (data.make_eval_batches(config, jax.process_index(), jax.process_count())
+                    if config.eval.every > 0 else [])
+    # The SentencePiece model is kept as WORKDIR/tokenizer.model, fixed once checkpoints exist.
+    data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  reporter.print(data.summary(train_iter))
 
   # ------------------------------------------------------------------ Checkpoint: resume or init
   manager = checkpoint.make_manager(workdir, config)
@@ -82,6 +88,11 @@ def train(config, workdir: str) -> dict:
     state = step_lib.init_state(model, optimizer, config, mesh, state_shardings)
     reporter.print("started from scratch (no checkpoint in the workdir)")
   else:
+    try:  # another tokenizer, vocab, seq_len, data or (on-the-fly) host count: refuse, clearly
+      data.check_resume(checkpoint.read_meta(manager, latest).get("data"),
+                        train_iter.description(), latest)
+    except ValueError as e:
+      raise config_lib.ConfigError(str(e)) from None
     state = checkpoint.restore(manager, latest, abstract_state, train_iter)
     reporter.print(f"resumed from the checkpoint at step {latest}")
   first_step = int(jax.device_get(state["step"]))

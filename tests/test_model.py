@@ -192,7 +192,7 @@ def test_remat_policies_agree():
   params = params_of(model_config())
   loss, grads = loss_and_grads(model_config(), params)
   # Scan with each policy; the loop (prevent_cse=True) with 'dots', its grads stacked back.
-  for scan, policy in ((True, "full"), (True, "dots"), (False, "dots")):
+  for scan, policy in ((True, "full"), (True, "dots"), (True, "minimal"), (False, "dots")):
     mcfg = model_config(scan_layers=scan, remat_policy=policy)
     other_loss, other_grads = loss_and_grads(
         mcfg, params if scan else unstack_layers(params, mcfg.n_layers))
@@ -250,7 +250,8 @@ def test_sharded_apply_matches_unsharded():
   mcfg = model_config()
   rules = lm.get_config("size=test").mesh.rules
   n = min(2, jax.device_count())
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(1, 1, n), ("data", "fsdp", "tensor"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]).reshape(1, 1, 1, n),
+                           ("data", "fsdp", "sequence", "tensor"))
   boxed = init(mcfg)
   with nn.logical_axis_rules(rules):
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)

@@ -85,7 +85,7 @@ def test_the_command_line_run_writes_a_complete_workdir(tmp_path):
       cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  assert "mesh (data=1, fsdp=8, tensor=1) over 8 cpu devices" in out
+  assert "mesh (data=1, fsdp=8, sequence=1, tensor=1) over 8 cpu devices, 1 slice(s)" in out
   assert "started from scratch" in out
   assert "--- greedy continuation of 'def fibonacci(n):\\n'" in out
 

@@ -1,30 +1,45 @@
-"""Assembles the per-host input: documents -> packed rows -> shuffled host batches; eval batches.
+"""Assembles the per-host input: sources -> packed rows -> [mixture] -> shuffled host batches;
+and eval batches that are the same rows whatever the host count.
 
-The train pipeline, in tf.data ops that all checkpoint their position (no generators):
+The on-the-fly train pipeline, in tf.data ops that all checkpoint their position (no generators):
 
-  documents (file list shuffled per epoch by config.seed, repeated forever; or a TFDS slice)
-    -> tokenize, [bos] + ids + [eos] -> concatenate and chunk into rows of seq_len (packing.py)
-    -> [this host's every P-th row, when there are too few files to give each host its own]
-    -> shuffle rows (consecutive rows come from the same document) -> batch -> segment ids and
-       positions -> prefetch
+  per source: documents (files shuffled per epoch by config.seed, endless; or TFDS examples)
+      -> tokenize, [bos] + ids + [eos] -> concatenate and chunk into rows of seq_len (packing.py)
+  -> mixture.choose (a fixed periodic order by weight; a single source passes through)
+  -> shuffle rows (consecutive rows come from the same document) -> batch -> segment ids and
+     positions -> prefetch
 
-Each process reads a disjoint share: its own files (or TFDS slice) when there are enough, else every
-P-th row of the common stream. TensorFlow is imported only here and only when a tf.data source is
-used, so `import foundation.data` and the synthetic source work without it.
+in one of two layouts. Global (one host, or no source with 8 files per host): every host runs the
+same pipeline of global batches and keeps its rows of each, so batches, losses and the saved
+position are the same for any host count, and a run resumes on another one. Per host (a TFDS
+source, or enough files): each host reads its own files or TFDS slice (or every P-th row of a
+source with few files) and batches only its share; its position is its own, and resuming on
+another host count is refused.
+
+Prepared sources ('prepared:DIR', see prepared.py) skip all of that: numpy reads of
+memory-mapped token shards, with a global position that resumes on any host count.
+
+Eval: the first eval.steps * batch_size rows of the eval split(s), read whole and in order by
+every host; the last batch is padded with loss_mask=0 rows, and host p takes rows [p*b, (p+1)*b)
+of each batch. The loss sums over these rows are then the same for any host count.
+
+TensorFlow is imported only here, lazily, when a tf.data source is used, so `import
+foundation.data`, the synthetic and the prepared sources work without it.
 """
 
-from absl import logging
+import json
+import math
+import re
+
 import numpy as np
 
+from foundation.data import documents
 from foundation.data import iterators
+from foundation.data import mixture
 from foundation.data import packing
-from foundation.data import sources
+from foundation.data import prepared
 from foundation.data import synthetic
 from foundation.data import tokenizers
-
-# Below this many files per process, hosts share the file stream and split its rows instead: a
-# host holding one or two files would see a skewed corpus and run out of variety quickly.
-MIN_FILES_PER_PROCESS = 8
 
 
 def host_batch_size(config, process_count: int) -> int:
@@ -35,41 +50,103 @@ def host_batch_size(config, process_count: int) -> int:
   return config.batch_size // process_count
 
 
-class TfDataIterator(iterators.DataIterator):
-  """A DataIterator over a tf.data pipeline; its state is tf.data's own iterator checkpoint."""
+def data_error(error) -> ValueError | None:
+  """A tf.data error raised by our own checks (documents.ERROR_MARK), as one plain line."""
+  text = getattr(error, "message", str(error))
+  start = text.find(documents.ERROR_MARK)
+  if start < 0:
+    return None
+  text = re.sub(r"\]\s*\[", "", text[start:].split("\n")[0])  # Assert brackets each piece
+  text = text.replace("\\'", "'").replace('\\"', '"')  # and escapes quotes
+  return ValueError(text.rstrip("]").strip())
 
-  def __init__(self, dataset, process_index: int, process_count: int):
+
+def _numpy(element) -> dict[str, np.ndarray]:
+  return {name: value.numpy() for name, value in element.items()}
+
+
+class TfDataIterator(iterators.DataIterator):
+  """A DataIterator over a tf.data pipeline; its state is tf.data's own iterator checkpoint, plus
+  the rows drawn per source so far (for the realised mixture)."""
+
+  def __init__(self, dataset, process_index: int, process_count: int, source_list,
+               description: dict, host_rows: slice | None = None):
     self.process_index, self.process_count = process_index, process_count
     self.dataset = dataset
+    self.host_rows = host_rows  # this host's rows of each global batch (global pipelines)
+    self.sources = source_list
+    self.rows_per_source = np.zeros(len(source_list), np.int64)
+    self._description = description
     self._iterator = iter(dataset)
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return {name: value.numpy() for name, value in next(self._iterator).items()}
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      batch = _numpy(next(self._iterator))
+    except tf.errors.OpError as e:
+      error = data_error(e)
+      if error is None:
+        raise
+      raise error from None
+    if self.host_rows is not None:
+      batch = {name: value[self.host_rows] for name, value in batch.items()}
+    self.rows_per_source += np.bincount(batch.pop("source"), minlength=len(self.sources))
+    return batch
+
+  def _kind(self) -> str:
+    return self._description["position_kind"]
 
   def save(self, directory: str) -> None:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.train.Checkpoint(iterator=self._iterator).write(self._prefix(directory))
+    prefix = self._prefix(directory)
+    tf.train.Checkpoint(iterator=self._iterator).write(prefix)
+    with tf.io.gfile.GFile(prefix + ".json", "w") as f:
+      f.write(json.dumps({"rows_per_source": self.rows_per_source.tolist(),
+                          "position_kind": self._kind(), "process_count": self.process_count}))
 
   def restore(self, directory: str) -> None:
+    """Moves to the saved position. A global pipeline is the same on every host and for every
+    host count, so any process's global state will do; a per-host one needs this process's own."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     prefix = self._prefix(directory)
+    found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
     if not tf.io.gfile.exists(prefix + ".index"):
-      found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
-      raise iterators.missing_state_error(directory, prefix, found)
+      saved = sorted(n[:-len(".index")] for n in found
+                     if n.startswith("process_") and n.endswith(".index"))
+      if self._kind() != "tf.data-global" or not saved:
+        raise iterators.missing_state_error(directory, prefix, found,
+                                            ", ".join(s.spec for s in self.sources))
+      prefix = f"{directory.rstrip('/')}/{saved[0]}"
+    state = {}
+    if tf.io.gfile.exists(prefix + ".json"):
+      with tf.io.gfile.GFile(prefix + ".json") as f:
+        state = json.loads(f.read())
+    if state.get("position_kind", self._kind()) != self._kind():
+      # The other layout's state would restore "successfully" onto the wrong documents.
+      raise iterators.host_count_error(state.get("process_count"), self.process_count,
+                                       ", ".join(s.spec for s in self.sources),
+                                       f"the checkpoint folder {directory}")
     tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
+    if "rows_per_source" in state:
+      self.rows_per_source = np.asarray(state["rows_per_source"], np.int64)
+
+  def description(self) -> dict:
+    return {**self._description, "rows_per_source": self.rows_per_source.tolist()}
+
+  def metrics(self) -> dict[str, float]:
+    return mixture.shares(self.sources, self.rows_per_source)
 
 
 # ---------------------------------------------------------------- pieces
 
-def _options(tokenizer):
+def _options():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   options = tf.data.Options()
   options.deterministic = True
-  if tokenizer.has_external_state:
-    # SentencePiece runs in a tf.py_function, which tf.data cannot serialise. Encoding is a pure
-    # function of the text, so there is no state to lose: checkpoint the iterator regardless.
-    options.experimental_external_state_policy = (
-        tf.data.experimental.ExternalStatePolicy.IGNORE)
+  # SentencePiece and JSON parsing run in tf.py_function, which tf.data cannot serialise. Both
+  # are pure functions of their input (as are the UTF-8 checks' print and assert), so there is no
+  # state to lose: checkpoint the iterator regardless.
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   return options
 
 
@@ -79,55 +156,38 @@ def _tokenizer(config) -> tokenizers.Tokenizer:
   return tokenizer
 
 
-def _host_files(config, split: str, process_index: int,
-                process_count: int) -> tuple[list[str], bool]:
-  """(files this host reads, whether hosts must split rows instead because files are few)."""
-  files = sources.file_split(config, split)
-  if len(files) >= MIN_FILES_PER_PROCESS * process_count:
-    return files[process_index::process_count], False
-  return files, True
+def describe(config, tokenizer, source_list, process_count: int, position_kind: str) -> dict:
+  """What made an iterator's position (for the checkpoint metadata and the resume checks)."""
+  return {
+      "sources": [[s.spec, s.weight] for s in source_list],
+      "tokenizer": tokenizers.fingerprint(tokenizer, config.data.tokenizer),
+      "model_vocab_size": config.model.vocab_size,
+      "seq_len": config.seq_len,
+      "process_count": process_count,
+      "position_kind": position_kind,
+  }
 
 
-def _read_files(files, shuffle_seed: int | None):
-  """tf.data of file contents; with a seed, shuffled afresh each epoch and repeated forever."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  ds = tf.data.Dataset.from_tensor_slices(files)
-  if shuffle_seed is not None:
-    # Shuffle before repeat: each epoch is a whole permutation, so no file comes round twice
-    # before every other has come once.
-    ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True).repeat()
-  return ds.map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def _documents(config, split: str, process_index: int, process_count: int):
-  """(tf.data of this host's `split` documents, whether rows still need sharding across hosts).
-
-  'train' is shuffled per epoch and endless; 'eval' is one pass in a fixed order.
-  """
-  train = split == "train"
-  kind, _ = sources.parse_source(config.data.source)
-  if kind == "tfds":
-    tfds_split = config.data.train_split if train else config.data.eval_split
-    docs = sources.tfds_documents(config, tfds_split, process_index, process_count, shuffle=train)
-    return (docs.repeat() if train else docs), False
-  files, shard_rows = _host_files(config, split, process_index, process_count)
-  logging.info("data %s: %d files for process %d of %d (%s)", split, len(files), process_index,
-               process_count, "rows split across processes" if shard_rows else "files split")
-  return _read_files(files, config.seed if train else None), shard_rows
-
-
-def _host_rows(config, tokenizer, split: str, process_index: int, process_count: int):
-  docs, shard_rows = _documents(config, split, process_index, process_count)
+def _source_rows(config, tokenizer, source, index: int, process_index: int, process_count: int,
+                 per_host: bool):
+  """Endless packed rows of one source, tagged with the source's index: all of them for a global
+  pipeline; for a per-host one, this host's files' rows, or every P-th row of all files."""
+  own_files = per_host and documents.splits_by_host(config, source, process_count)
+  docs = documents.train_documents(config, source, process_index if own_files else 0,
+                                   process_count if own_files else 1, seed=config.seed + index)
   rows = packing.pack_rows(docs, tokenizer, config.seq_len)
-  if shard_rows and process_count > 1:
+  if per_host and not own_files:
     rows = rows.shard(process_count, process_index)
-  return rows
+  return rows.map(lambda row: {**row, "source": index})
 
 
 def _batches(rows, host_batch: int):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def finish(rows):
+    return {**packing.finish_batch(rows), "source": rows["source"]}
   return rows.batch(host_batch, drop_remainder=True).map(
-      packing.finish_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 # ---------------------------------------------------------------- public
@@ -137,42 +197,99 @@ def make_train_iterator(config, process_index: int,
   """This process's endless train batches: int32 [batch_size // process_count, seq_len] arrays
   inputs, targets, segment_ids, positions, loss_mask; with save/restore for exact resume."""
   host_batch = host_batch_size(config, process_count)
-  kind, _ = sources.parse_source(config.data.source)
-  if kind == "synthetic":
-    return synthetic.SyntheticIterator(
+  source_list = mixture.config_sources(config)
+  if source_list[0].kind == "synthetic":
+    it = synthetic.SyntheticIterator(
         seed=config.seed, host_batch=host_batch, seq_len=config.seq_len,
         vocab_size=config.model.vocab_size, process_index=process_index,
         process_count=process_count)
+    it._description = describe(config, tokenizers.make_tokenizer(config.data.tokenizer),
+                               source_list, process_count, "synthetic")
+    return it
   tokenizer = _tokenizer(config)
-  rows = _host_rows(config, tokenizer, "train", process_index, process_count)
+  if source_list[0].kind == "prepared":
+    return prepared.PreparedIterator(
+        prepared.PreparedData(config, source_list, tokenizer), host_batch, process_index,
+        process_count, describe(config, tokenizer, source_list, process_count, "prepared"))
+  # Per host: each host reads its own share and batches it. Global, when no source has enough
+  # files to split (or on one host): every host runs the one pipeline of global batches and keeps
+  # its rows of each, so batches and positions do not depend on the host count.
+  per_host = any(documents.splits_by_host(config, s, process_count) for s in source_list)
+  counts = mixture.slot_counts([s.weight for s in source_list])
+  rows = mixture.choose(
+      [_source_rows(config, tokenizer, s, i, process_index, process_count, per_host)
+       for i, s in enumerate(source_list)], counts)
   if config.data.shuffle_buffer > 1:
     # Consecutive rows come from the same document: mix them before they share a batch.
     rows = rows.shuffle(config.data.shuffle_buffer, seed=config.seed)
-  batches = _batches(rows, host_batch)
+  batches = _batches(rows, host_batch if per_host else config.batch_size)
   if config.data.prefetch > 0:
     batches = batches.prefetch(config.data.prefetch)
-  return TfDataIterator(batches.with_options(_options(tokenizer)), process_index, process_count)
+  first = process_index * host_batch
+  return TfDataIterator(
+      batches.with_options(_options()), process_index, process_count, source_list,
+      describe(config, tokenizer, source_list, process_count,
+               "tf.data" if per_host else "tf.data-global"),
+      host_rows=None if per_host else slice(first, first + host_batch))
+
+
+def _tf_eval_rows(config, tokenizer, source_list, limit: int) -> list[dict[str, np.ndarray]]:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  counts = mixture.slot_counts([s.weight for s in source_list])
+  rows = mixture.choose(
+      [packing.pack_rows(documents.all_documents(config, s, "eval"), tokenizer, config.seq_len,
+                         drop_remainder=False) for s in source_list], counts)
+  try:
+    return [_numpy(row) for row in rows.take(limit).with_options(_options())]
+  except tf.errors.OpError as e:
+    error = data_error(e)
+    if error is None:
+      raise
+    raise error from None
+
+
+def eval_rows(config, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The global eval rows {inputs, targets, starts} in order (at most eval.steps * batch_size;
+  the last row of a source may be short). The same list for every host."""
+  del process_count  # the point: the rows do not depend on it
+  source_list = mixture.config_sources(config)
+  tokenizer = _tokenizer(config)
+  limit = config.eval.steps * config.batch_size
+  if source_list[0].kind == "prepared":
+    return prepared.eval_rows(prepared.PreparedData(config, source_list, tokenizer), limit)
+  return _tf_eval_rows(config, tokenizer, source_list, limit)
 
 
 def make_eval_batches(config, process_index: int,
                       process_count: int) -> list[dict[str, np.ndarray]]:
-  """Exactly config.eval.steps host batches of the eval split, in a fixed order (no shuffling):
-  the same list on every call. A split with fewer rows is cycled to fill the count."""
+  """This host's share of the eval batches: at most config.eval.steps host batches, the same
+  number on every host, in a fixed order. A split smaller than eval.steps batches is used whole,
+  its last batch padded with loss_mask=0 rows; the union over hosts is the same rows for any
+  host count, so summed losses (and the eval metric) do not depend on it."""
   host_batch = host_batch_size(config, process_count)
-  steps = config.eval.steps
-  kind, _ = sources.parse_source(config.data.source)
-  if kind == "synthetic":
+  source_list = mixture.config_sources(config)
+  if source_list[0].kind == "synthetic":
     return synthetic.synthetic_eval_batches(
-        seed=config.seed, steps=steps, host_batch=host_batch, seq_len=config.seq_len,
+        seed=config.seed, steps=config.eval.steps, host_batch=host_batch, seq_len=config.seq_len,
         vocab_size=config.model.vocab_size, process_index=process_index)
-  tokenizer = _tokenizer(config)
-  rows = _host_rows(config, tokenizer, "eval", process_index, process_count)
-  # repeat() ends at once on an empty input, so a too-small split is caught below, not looped on.
-  batches = _batches(rows.repeat(), host_batch).take(steps).with_options(_options(tokenizer))
-  result = [{name: value.numpy() for name, value in batch.items()} for batch in batches]
-  if len(result) < steps:
+  rows = eval_rows(config)
+  if not rows:
     raise ValueError(
-        f"data.source={config.data.source!r}: the eval split of process {process_index} holds no "
-        f"complete row of seq_len={config.seq_len} tokens; add eval data (data.eval_fraction="
-        f"{config.data.eval_fraction}, data.eval_split={config.data.eval_split!r})")
-  return result
+        f"data.source={config.data.source!r}: the eval split holds no tokens; add eval data "
+        f"(data.eval_fraction={config.data.eval_fraction}, data.eval_split="
+        f"{config.data.eval_split!r}) or set eval.every=0")
+  steps = math.ceil(len(rows) / config.batch_size)
+  padded = packing.pad_rows(rows, config.seq_len, steps * config.batch_size)
+  first = process_index * host_batch
+  return [{name: value[b * config.batch_size + first:b * config.batch_size + first + host_batch]
+           for name, value in padded.items()} for b in range(steps)]
+
+
+def summary(iterator: iterators.DataIterator) -> str:
+  """One line for the console: the sources and their shares, the tokenizer."""
+  d = iterator.description()
+  shares = " + ".join(f"{spec} {weight:.1%}" for spec, weight in d["sources"])
+  tok = d["tokenizer"]
+  sha = f", sha256 {tok['sha256'][:12]}" if tok["sha256"] else ""
+  return (f"data: {shares} of rows ({d['position_kind']}); {tok['kind']} tokenizer "
+          f"({tok['vocab_size']} ids{sha})")

@@ -1,23 +1,32 @@
-"""Text sources: which documents make up the train and eval splits.
+"""Text sources: what a source spec names, which files or TFDS splits it covers, train vs eval.
 
-`config.data.source` is one of
-  'embedded'    the Python standard library's .py files (the same corpus on every machine of a
-                Python version; no download), each file one document;
-  'files:GLOB'  local (or gs://) text files matched by GLOB, each file one document;
-  'tfds:NAME'   a prepared TFDS dataset (e.g. 'tfds:lm1b', 'tfds:c4/en'), one example one document;
-  'synthetic'   random tokens (see synthetic.py; no documents at all).
+A source spec (`config.data.source`, or one component of `config.data.mixture`) is one of
+  'embedded'       the Python standard library's .py files (the same corpus on every machine of a
+                   Python version; no download), each file one document;
+  'files:GLOB'     local (or gs://) files matched by GLOB ('**' recurses), read by their format
+                   (config.data.file_format; 'auto' goes by extension): text (each file one
+                   document), JSONL (each line one document, its `data.text_feature` field) or
+                   TFRecord of tf.train.Example (each record one document, the bytes feature
+                   `data.text_feature`); '.gz' files are read compressed;
+  'tfds:NAME'      a prepared TFDS dataset (e.g. 'tfds:lm1b', 'tfds:c4/en'), an example a document;
+  'prepared:DIR'   tokens written by `python -m foundation.data.prepare` (see prepared.py);
+  'synthetic'      random tokens (see synthetic.py; no documents at all).
 
 File sources are split into train and eval by a stable hash of each file's path relative to the
 source root, so every host and every machine agree on the split without talking to each other.
+This module lists and checks; it builds no tf.data (documents.py does) and imports no TensorFlow
+except to reach gs:// paths and TFDS.
 """
 
+import dataclasses
 import difflib
 import glob
 import os
 import sysconfig
 import zlib
 
-KINDS = ("embedded", "files", "tfds", "synthetic")
+KINDS = ("embedded", "files", "tfds", "prepared", "synthetic")
+FILE_FORMATS = ("auto", "text", "jsonl", "tfrecord")
 
 # Directory names left out of the embedded corpus: test suites (data files with deliberately odd
 # code, 60% of the stdlib's bytes) and whatever third-party packages this interpreter carries.
@@ -25,18 +34,33 @@ _EMBEDDED_SKIP_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
-def parse_source(source: str) -> tuple[str, str]:
-  """'files:a/*.txt' -> ('files', 'a/*.txt'); 'embedded' -> ('embedded', ''). Checks the kind."""
-  kind, _, arg = source.partition(":")
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One source of documents (or of prepared tokens) and its share of a mixture.
+
+  `where` names it in error messages the way the user typed it: "data.source='files:a/*.txt'"
+  or "data.mixture source 'files:a/*.txt'".
+  """
+  spec: str
+  kind: str
+  arg: str
+  weight: float = 1.0
+  where: str = ""
+
+
+def parse_source(spec: str, where: str = "") -> Source:
+  """'files:a/*.txt' -> Source(kind='files', arg='a/*.txt'). Checks the kind and the argument."""
+  where = where or f"data.source={spec!r}"
+  kind, _, arg = spec.partition(":")
   if kind not in KINDS:
     raise ValueError(
-        f"data.source={source!r}: unknown kind {kind!r}; use one of 'embedded', 'files:GLOB', "
-        f"'tfds:NAME' or 'synthetic'")
-  if kind in ("files", "tfds") and not arg:
-    example = "files:data/*.txt" if kind == "files" else "tfds:lm1b"
-    raise ValueError(f"data.source={source!r}: '{kind}:' needs a glob or name after the colon, "
-                     f"e.g. {example!r}")
-  return kind, arg
+        f"{where}: unknown kind {kind!r}; use one of 'embedded', 'files:GLOB', 'tfds:NAME', "
+        f"'prepared:DIR' or 'synthetic'")
+  if kind in ("files", "tfds", "prepared") and not arg:
+    example = {"files": "files:data/*.txt", "tfds": "tfds:lm1b", "prepared": "prepared:/data/p"}
+    raise ValueError(f"{where}: '{kind}:' needs a glob, name or folder after the colon, e.g. "
+                     f"{example[kind]!r}")
+  return Source(spec=spec, kind=kind, arg=arg, where=where)
 
 
 # ---------------------------------------------------------------- file sources
@@ -62,7 +86,7 @@ def glob_root(pattern: str) -> str:
   return "/".join(fixed) or "."
 
 
-def glob_files(pattern: str) -> tuple[str, list[str]]:
+def glob_files(pattern: str, where: str = "") -> tuple[str, list[str]]:
   """(root, sorted file paths) matching `pattern` ('**' recurses). Raises when nothing matches."""
   pattern = os.path.expanduser(pattern)
   if "://" in pattern:  # gs://… : TensorFlow's file system layer knows the remote stores.
@@ -71,7 +95,8 @@ def glob_files(pattern: str) -> tuple[str, list[str]]:
   else:
     paths = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
   if not paths:
-    raise ValueError(f"data.source='files:{pattern}': the glob {pattern!r} matches no files")
+    where = where or f"data.source='files:{pattern}'"
+    raise ValueError(f"{where}: the glob {pattern!r} matches no files")
   return glob_root(pattern), sorted(paths)
 
 
@@ -95,26 +120,61 @@ def split_train_eval(root: str, paths: list[str],
   return [p for p in paths if p not in held_out], [p for p in paths if p in held_out]
 
 
-def file_split(config, split: str) -> list[str]:
-  """The sorted file paths of split 'train' or 'eval' for the 'embedded' or 'files:' source."""
-  kind, arg = parse_source(config.data.source)
-  root, paths = embedded_files() if kind == "embedded" else glob_files(arg)
+def file_split(config, split: str, source: Source | None = None) -> list[str]:
+  """The sorted file paths of split 'train' or 'eval' of an 'embedded' or 'files:' source
+  (by default config.data.source)."""
+  source = source or parse_source(config.data.source)
+  root, paths = (embedded_files() if source.kind == "embedded"
+                 else glob_files(source.arg, source.where))
+  file_format(config, source, paths)  # one format for the whole glob, whichever split is read
   train, held_out = split_train_eval(root, paths, config.data.eval_fraction)
   chosen = train if split == "train" else held_out
   if not chosen:
     raise ValueError(
-        f"data.source={config.data.source!r}: the {split} split is empty ({len(paths)} files, "
+        f"{source.where}: the {split} split is empty ({len(paths)} files, "
         f"data.eval_fraction={config.data.eval_fraction} holds out {len(held_out)}); add files or "
         f"change data.eval_fraction")
   return chosen
 
 
+def _format_of_name(path: str) -> str:
+  name = path[:-3] if path.endswith(".gz") else path
+  if name.endswith((".jsonl", ".json", ".ndjson")):
+    return "jsonl"
+  if ".tfrecord" in os.path.basename(name) or name.endswith(".tfrec"):
+    return "tfrecord"
+  return "text"
+
+
+def file_format(config, source: Source, paths: list[str]) -> str:
+  """'text', 'jsonl' or 'tfrecord': config.data.file_format, or by extension when it is 'auto'."""
+  chosen = config.data.file_format
+  if chosen not in FILE_FORMATS:
+    raise ValueError(f"data.file_format={chosen!r} is not one of {FILE_FORMATS}")
+  if source.kind == "embedded" or chosen != "auto":
+    return "text" if source.kind == "embedded" else chosen
+  found = {}
+  for path in paths:
+    found.setdefault(_format_of_name(path), path)
+  if len(found) > 1:
+    examples = ", ".join(f"{f} ({os.path.basename(p)})" for f, p in sorted(found.items()))
+    raise ValueError(f"{source.where}: the glob matches files of several formats: {examples}; "
+                     f"give each format its own source (data.mixture) or set data.file_format")
+  return next(iter(found))
+
+
+def compression(path: str) -> str:
+  """tf.data's compression_type for a path: 'GZIP' for .gz, else ''."""
+  return "GZIP" if path.endswith(".gz") else ""
+
+
 # ---------------------------------------------------------------- TFDS
 
-def tfds_builder(config):
+def tfds_builder(config, source: Source | None = None):
   """The TFDS builder of 'tfds:NAME', with clear errors for an unknown or unprepared dataset."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  _, name = parse_source(config.data.source)
+  source = source or parse_source(config.data.source)
+  name = source.arg
   data_dir = config.data.tfds_data_dir or None
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -123,65 +183,29 @@ def tfds_builder(config):
     close = difflib.get_close_matches(base, tfds.list_builders(with_community_datasets=False),
                                       n=10, cutoff=0.6)
     hint = f"close matches: {', '.join(close)}" if close else "no close matches among TFDS datasets"
-    where = f" nor in data.tfds_data_dir={data_dir!r}" if data_dir else ""
-    raise ValueError(f"data.source={config.data.source!r}: TFDS has no registered dataset "
-                     f"{base!r}{where} ({hint})") from None
+    there = f" nor in data.tfds_data_dir={data_dir!r}" if data_dir else ""
+    raise ValueError(f"{source.where}: TFDS has no registered dataset {base!r}{there} ({hint})"
+                     ) from None
   if not builder.is_prepared():
     raise ValueError(
-        f"data.source={config.data.source!r}: the dataset is not prepared in "
+        f"{source.where}: the dataset is not prepared in "
         f"data.tfds_data_dir={config.data.tfds_data_dir or '(TFDS default)'!r} (looked in "
         f"{builder.data_dir}); prepare it once with tfds.builder({name!r}).download_and_prepare() "
         f"or point data.tfds_data_dir at where it is")
   return builder
 
 
-def _check_tfds_fields(config, builder, split: str) -> None:
+def check_tfds_fields(config, builder, split: str, source: Source) -> None:
+  """The split and the text feature exist; the errors list the ones that do."""
   splits = sorted(builder.info.splits.keys())
   if split not in splits:
     field = "train_split" if split == config.data.train_split else "eval_split"
-    raise ValueError(f"data.{field}={split!r}: dataset {builder.name!r} has splits {splits}")
+    raise ValueError(f"data.{field}={split!r}: dataset {builder.name!r} ({source.where}) has "
+                     f"splits {splits}")
   features = sorted(builder.info.features.keys())
   if config.data.text_feature not in features:
     raise ValueError(f"data.text_feature={config.data.text_feature!r}: dataset {builder.name!r} "
-                     f"has features {features}")
-
-
-def tfds_documents(config, split: str, process_index: int, process_count: int, shuffle: bool):
-  """tf.data.Dataset of tf.string documents: this process's slice of TFDS split `split`.
-
-  Each process reads an equal, disjoint share (tfds.split_for_jax_process). With `shuffle` the
-  file order is shuffled from config.seed (and reshuffled each epoch when the caller repeats).
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds_builder(config)
-  _check_tfds_fields(config, builder, split)
-  host_split = tfds.split_for_jax_process(split, process_index=process_index,
-                                          process_count=process_count)
-  read_config = tfds.ReadConfig(
-      shuffle_seed=config.seed, shuffle_reshuffle_each_iteration=shuffle,
-      # An in-memory cache of a small train split would also land in every iterator checkpoint.
-      try_autocache=not shuffle)
-  ds = builder.as_dataset(split=host_split, shuffle_files=shuffle, read_config=read_config)
-  feature = config.data.text_feature
-  return ds.map(lambda example: example[feature])
-
-
-def iterate_train_documents(config, max_docs: int = 0):
-  """Yields train-split documents as Python strings (for tokenizer training), at most max_docs."""
-  kind, _ = parse_source(config.data.source)
-  if kind == "synthetic":
-    raise ValueError("data.source='synthetic' has no text to train a tokenizer on")
-  count = 0
-  if kind == "tfds":
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    documents = tfds.as_numpy(tfds_documents(config, config.data.train_split, 0, 1, shuffle=False))
-  else:
-    documents = (read_file(p) for p in file_split(config, "train"))
-  for document in documents:
-    if max_docs and count >= max_docs:
-      return
-    count += 1
-    yield document.decode("utf-8", errors="replace")
+                     f"({source.where}) has features {features}")
 
 
 def read_file(path: str) -> bytes:

@@ -5,8 +5,13 @@ pad=0, bos=1, eos=2 (and SentencePiece's unk=3). `encode` never adds bos/eos: pa
 
 Each tokenizer also has `tf_encode(text) -> int32 [n]` for use inside a tf.data map. TensorFlow is
 imported only there, so the Python side works on machines without it (GPU images).
+
+A run keeps its SentencePiece model as WORKDIR/tokenizer.model and each checkpoint records the
+tokenizer's sha256 (`fingerprint`), so a resume or a prepared folder with another tokenizer is a
+clear error instead of a model reading the wrong ids.
 """
 
+import hashlib
 import os
 
 import numpy as np
@@ -54,6 +59,7 @@ class SentencePieceTokenizer:
   def __init__(self, model_proto: bytes, path: str = ""):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     self.path = path
+    self.model_proto = model_proto
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     specials = {"pad": (self._sp.pad_id(), PAD_ID), "bos": (self._sp.bos_id(), BOS_ID),
                 "eos": (self._sp.eos_id(), EOS_ID)}
@@ -86,6 +92,19 @@ class SentencePieceTokenizer:
     ids.set_shape([None])
     return ids
 
+  def _encode_batch(self, texts):
+    pieces = self._sp.encode([t.decode("utf-8", errors="replace") for t in texts.numpy()])
+    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    flat = np.fromiter((i for p in pieces for i in p), np.int32, int(lengths.sum()))
+    return flat, lengths
+
+  def tf_encode_batch(self, texts):
+    """tf.string [n] -> int32 RaggedTensor [n, None]: one tf.py_function call for n documents."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    flat, lengths = tf.py_function(self._encode_batch, [texts], [tf.int32, tf.int64])
+    return tf.RaggedTensor.from_row_lengths(tf.ensure_shape(flat, [None]),
+                                            tf.ensure_shape(lengths, [None]))
+
 
 Tokenizer = ByteTokenizer | SentencePieceTokenizer
 
@@ -116,3 +135,56 @@ def check_vocab_size(tokenizer: Tokenizer, config) -> None:
         f"the tokenizer data.tokenizer={config.data.tokenizer!r} has vocab_size "
         f"{tokenizer.vocab_size}, more than model.vocab_size={config.model.vocab_size}: raise "
         f"--config.model.vocab_size to at least {tokenizer.vocab_size} or use a smaller tokenizer")
+
+
+WORKDIR_FILE = "tokenizer.model"
+
+
+def fingerprint(tokenizer: Tokenizer, name: str = "") -> dict:
+  """JSON naming a tokenizer exactly: kind, vocab_size, sha256 of the model (None for bytes)."""
+  if isinstance(tokenizer, ByteTokenizer):
+    return {"kind": "byte", "name": name or "byte", "vocab_size": tokenizer.vocab_size,
+            "sha256": None, "file": None}
+  return {"kind": "sentencepiece", "name": name or tokenizer.path,
+          "vocab_size": tokenizer.vocab_size,
+          "sha256": hashlib.sha256(tokenizer.model_proto).hexdigest(), "file": WORKDIR_FILE}
+
+
+def describe(fp: dict) -> str:
+  """'sentencepiece, vocab 8000, sha256 0123456789ab' or 'byte, vocab 259' for a fingerprint."""
+  sha = f", sha256 {fp['sha256'][:12]}" if fp.get("sha256") else ""
+  return f"{fp.get('kind')}, vocab {fp.get('vocab_size')}{sha}"
+
+
+def _has_checkpoints(workdir) -> bool:
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def store_tokenizer(tokenizer: Tokenizer, name: str, workdir: str, write: bool) -> None:
+  """Keeps the run's SentencePiece model as WORKDIR/tokenizer.model (written when `write`, on one
+  process, atomically). Once checkpoints exist the file belongs to them: another tokenizer is
+  then an error, and the file is never replaced. Before that, it is simply replaced."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  path = workdir / WORKDIR_FILE
+  ours = fingerprint(tokenizer, name)
+  stored_sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+  if stored_sha == ours["sha256"]:
+    return
+  if _has_checkpoints(workdir):
+    if stored_sha is not None:
+      raise ValueError(
+          f"data.tokenizer={name!r} ({describe(ours)}) is not the tokenizer of this workdir's "
+          f"checkpoints, {path} (sha256 {stored_sha[:12]}): use --config.data.tokenizer={path}, "
+          f"or a new --workdir")
+    return  # an older run without the file: the checkpoints' metadata still has the sha256
+  if not write:
+    return
+  if ours["kind"] == "byte":
+    path.unlink(missing_ok=True)  # left by a run that never checkpointed
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  partial = workdir / f".{WORKDIR_FILE}.partial"
+  partial.write_bytes(tokenizer.model_proto)
+  partial.replace(path)  # atomic, and replaces a file no checkpoint depends on

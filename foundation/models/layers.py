@@ -4,7 +4,11 @@ SwiGLU MLP, the token embedding and the output projection.
 Every param carries logical axis names (`nn.with_logical_partitioning`) and the key activations
 are constrained by logical names (`nn.with_logical_constraint`); `config.mesh.rules` maps them to
 mesh axes. Params are created in `cfg.param_dtype` and cast to the compute `cfg.dtype` where they
-are used. No layer has a bias.
+are used. No layer has a bias, except the optional q/k/v biases of Qwen2-style models
+(`cfg.qkv_bias`).
+
+Decoding: `Attention`, `Block` and the Transformer take an optional KV cache (see `Transformer`);
+without one the computation is exactly the training one.
 
 Init scheme (LeCun / MaxText style; the forward pass has no multipliers, so Hugging Face LLaMA
 weights import unchanged):
@@ -49,6 +53,7 @@ class Dense(nn.Module):
   features: tuple[int, ...]
   names: tuple[str, ...]   # logical names of the kernel's axes
   n_in: int = 1
+  use_bias: bool = False   # a bias over `features` (zeros at init), added after the matmul
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -60,7 +65,12 @@ class Dense(nn.Module):
                         self.cfg.params_dtype)
     x, kernel = x.astype(self.cfg.compute_dtype), kernel.astype(self.cfg.compute_dtype)
     contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.names[self.n_in:]), self.features, self.cfg.params_dtype)
+      y = y + bias.astype(self.cfg.compute_dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +87,29 @@ class RMSNorm(nn.Module):
     return (x * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def inverse_frequencies(cfg: "ModelConfig") -> Array:
+  """float32 [head_dim/2]: the rotary frequencies, theta^(-2i/H), with `cfg.rope_scaling` applied.
+
+  'llama3' (Llama 3.1+) divides the low frequencies -- wavelengths longer than
+  rope_original_max_len / rope_low_freq_factor -- by rope_scaling_factor, keeps the high ones
+  (wavelengths below rope_original_max_len / rope_high_freq_factor), and interpolates smoothly
+  between, as Hugging Face `_compute_llama3_parameters` does.
+  """
+  h = cfg.head_dim
+  inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  if cfg.rope_scaling == "none":
+    return inv_freq
+  factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x: Array, positions: Array, theta: float, inv_freq: Array | None = None) -> Array:
   """Rotary position embedding, Hugging Face LLaMA "rotate-half" layout.
 
   Pairs feature i with feature i + head_dim/2 (not adjacent features), as HF `LlamaForCausalLM`
@@ -87,11 +119,14 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     x: [B, L, N, H] queries or keys, any float dtype.
     positions: int [B, L] position of each token in its own document (packed rows restart at 0).
     theta: the rotary base (`rope_theta`).
+    inv_freq: float32 [H/2] frequencies (`inverse_frequencies`, with scaling); None means
+      theta^(-2i/H).
   Returns:
     [B, L, N, H], the dtype of `x`.
   """
   h = x.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)       # [H/2]
+  if inv_freq is None:
+    inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)     # [H/2]
   # Angles reach max_seq_len radians: float32, never bf16 (which cannot even represent 257).
   angles = positions.astype(jnp.float32)[..., None] * inv_freq                  # [B, L, H/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]            # [B, L, 1, H]
@@ -101,39 +136,90 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array) -> Array:
+def attention_mask(segment_ids: Array, window: int = 0) -> Array:
   """bool [B, 1, L, L]: query t sees key s iff s <= t, same segment, and the key is not padding.
 
   `segment_ids` int [B, L]: 0 is padding, equal ids are one document. Causality is by index in
   the row (positions restart per document, so they cannot order tokens of different documents).
+  `window` > 0 (Mistral's sliding window) also requires t - s < window.
   """
   length = segment_ids.shape[1]
   causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  if window > 0:
+    causal = causal & ~jnp.tril(causal, -window)
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   real_key = (segment_ids != 0)[:, None, :]
   return (causal[None] & same & real_key)[:, None]
 
 
+def cached_attention_mask(segment_ids: Array, kv_segment_ids: Array, index: Array,
+                          window: int = 0) -> Array:
+  """bool [B, 1, L, S]: the `attention_mask` rule for L new tokens written at cache slot `index`.
+
+  segment_ids: int [B, L] of the new tokens; kv_segment_ids: int [B, S] of every cache slot (the
+  new tokens' already written, 0 for padding and for slots not written yet); index: int32 scalar.
+  Query i is slot index + i: it sees slot s iff s <= index + i, same segment, s not padding.
+  """
+  q_slot = index + jnp.arange(segment_ids.shape[1])[:, None]           # [L, 1]
+  kv_slot = jnp.arange(kv_segment_ids.shape[1])[None, :]               # [1, S]
+  visible = kv_slot <= q_slot
+  if window > 0:
+    visible = visible & (q_slot - kv_slot < window)
+  same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+  real_key = (kv_segment_ids != 0)[:, None, :]
+  return (visible[None] & same & real_key)[:, None]
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention with rotary embeddings: [B, L, D] -> [B, L, D]."""
+  """Grouped-query self-attention with rotary embeddings: [B, L, D] -> [B, L, D].
+
+  With `cache` (decoding) it also returns the layer's updated cache; see `Block`.
+  """
   cfg: "ModelConfig"
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: dict | None = None,
+               decode: dict | None = None):
     cfg = self.cfg
-    q = Dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), name="q")(x)
-    k = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), name="k")(x)
-    v = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), name="v")(x)
-    q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta), Q_HEADS)
-    k = nn.with_logical_constraint(rotary(k, positions, cfg.rope_theta), KV_HEADS)
+    bias = cfg.qkv_bias
+    q = Dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=bias,
+              name="q")(x)
+    k = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+              use_bias=bias, name="k")(x)
+    v = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+              use_bias=bias, name="v")(x)
+    inv_freq = inverse_frequencies(cfg)
+    q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta, inv_freq), Q_HEADS)
+    k = nn.with_logical_constraint(rotary(k, positions, cfg.rope_theta, inv_freq), KV_HEADS)
     v = nn.with_logical_constraint(v, KV_HEADS)
-    # K < N heads is grouped-query attention natively: no repeat of k/v in memory.
-    # The mask already holds causality; is_causal also lets cuDNN skip the upper triangle.
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask(segment_ids), is_causal=cfg.attention == "cudnn",
-        implementation=cfg.attention)
+    if cache is None:
+      # K < N heads is grouped-query attention natively: no repeat of k/v in memory.
+      # The mask already holds causality; is_causal also lets cuDNN skip the upper triangle.
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=attention_mask(segment_ids, cfg.sliding_window),
+          is_causal=cfg.attention == "cudnn", implementation=cfg.attention)
+    else:
+      k, v, cache = _write_cache(cache, k, v, decode["index"])
+      mask = cached_attention_mask(segment_ids, decode["segment_ids"], decode["index"],
+                                   cfg.sliding_window)
+      # XLA, whatever cfg.attention says: the mask is not the square causal one cuDNN expects.
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     out = nn.with_logical_constraint(out, Q_HEADS)
-    return Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, name="o")(out)
+    out = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, name="o")(out)
+    return out if cache is None else (out, cache)
+
+
+def _write_cache(cache: dict, k: Array, v: Array, index: Array):
+  """Writes k, v [B, L, K, H] into cache slots index..index+L-1; returns (keys, values, cache).
+
+  keys/values are the whole cache [B, S, K, H] after the write, in the cache's dtype.
+  """
+  start = (0, index, 0, 0)
+  keys = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+  values = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+  keys = nn.with_logical_constraint(keys, KV_HEADS)
+  values = nn.with_logical_constraint(values, KV_HEADS)
+  return keys, values, {"k": keys, "v": values}
 
 
 class Mlp(nn.Module):
@@ -153,17 +239,24 @@ class Block(nn.Module):
   """Pre-norm decoder block: x + Attn(RMSNorm(x)), then x + MLP(RMSNorm(x)).
 
   Returns (x, None): a scan carry and no per-layer output, so `nn.scan` takes the class as is.
+  Decoding passes this layer's `cache` {'k', 'v': [B, S, K, H]} (scanned over layers) and the
+  shared `decode` {'index': int32 scalar, 'segment_ids': int32 [B, S]} (broadcast); the block then
+  returns (x, updated cache).
   """
   cfg: "ModelConfig"
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, segment_ids: Array) -> tuple[Array, None]:
+  def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: dict | None = None,
+               decode: dict | None = None) -> tuple[Array, dict | None]:
     cfg = self.cfg
-    h = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions, segment_ids)
+    h = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions, segment_ids,
+                                    cache, decode)
+    if cache is not None:
+      h, cache = h
     x = nn.with_logical_constraint(x + h, RESIDUAL)
     h = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
     x = nn.with_logical_constraint(x + h, RESIDUAL)
-    return x, None
+    return x, cache
 
 
 class Embed(nn.Module):

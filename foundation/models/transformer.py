@@ -6,9 +6,16 @@
   logits = model.apply(variables, tokens, positions, segment_ids)  # float32 [B, L, vocab_size]
 
 Param tree: embed/embedding, layers/{attn_norm,attn/{q,k,v,o},mlp_norm,mlp/{wi_gate,wi_up,wo}},
-final_norm/scale, output/kernel (absent when tie_embeddings). With scan_layers every `layers` leaf
-has a leading n_layers axis (logical name 'layers'); without, the blocks are `layers_0` ...
-`layers_{n-1}`.
+final_norm/scale, output/kernel (absent when tie_embeddings); attn/{q,k,v}/bias too when qkv_bias.
+With scan_layers every `layers` leaf has a leading n_layers axis (logical name 'layers'); without,
+the blocks are `layers_0` ... `layers_{n-1}`.
+
+Decoding with a KV cache (foundation/generate.py drives it):
+
+  cache = transformer.init_cache(mcfg, batch, length)       # every slot empty, index 0
+  logits, cache = model.apply(variables, tokens, positions, segment_ids, cache=cache)
+  # logits: float32 [B, 1, vocab] for the last new token; the L new tokens took slots
+  # index..index+L-1 and cache['index'] moved on by L.
 """
 
 import dataclasses
@@ -23,12 +30,15 @@ from foundation.models import layers
 
 Array = jax.Array
 
-# 'dots' saves the outputs of matmuls without batch dimensions -- the weight projections, linear in
-# sequence length -- and recomputes the rest, including the attention scores and probabilities
-# (batched dots, [B, N, L, L]); `dots_saveable` would keep those too, and they dominate memory.
+# From most memory (least recompute) to least: 'none' saves everything; 'minimal' saves every matmul
+# output, the attention scores included, and recomputes only elementwise work; 'dots' saves the
+# outputs of matmuls without batch dimensions -- the weight projections, linear in sequence length --
+# and recomputes the rest, including the attention scores and probabilities (batched dots,
+# [B, N, L, L], which dominate memory at long sequences); 'full' saves only each block's input.
 REMAT_POLICIES = {
-    "full": None,  # save nothing but the block's inputs
+    "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_saveable,
 }
 
 
@@ -51,6 +61,14 @@ class ModelConfig:
   attention: str = "xla"          # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'
   scan_layers: bool = True
   remat_policy: str = "none"      # 'none', 'full' or 'dots'
+  # Pre-trained families (foundation/hf.py reads these from a Hugging Face config.json):
+  qkv_bias: bool = False          # biases on the q/k/v projections (Qwen2)
+  rope_scaling: str = "none"      # 'none' or 'llama3' (Llama 3.1+ frequency scaling)
+  rope_scaling_factor: float = 8.0      # llama3: low frequencies are divided by this
+  rope_low_freq_factor: float = 1.0     # llama3: wavelengths > original_max_len / this are scaled
+  rope_high_freq_factor: float = 4.0    # llama3: wavelengths < original_max_len / this are kept
+  rope_original_max_len: int = 8192     # llama3: the context length the model was first trained on
+  sliding_window: int = 0         # attend only to the last N tokens (Mistral); 0 is unlimited
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -63,14 +81,27 @@ class ModelConfig:
     if self.remat_policy not in ("none", *REMAT_POLICIES):
       raise ValueError(f"model.remat_policy='{self.remat_policy}' is unknown; "
                        f"use one of none, {', '.join(REMAT_POLICIES)}")
+    if self.rope_scaling not in ("none", "llama3"):
+      raise ValueError(f"model.rope_scaling='{self.rope_scaling}' is unknown; use 'none' or "
+                       f"'llama3'")
+    if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                       f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
+    if self.sliding_window < 0:
+      raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
 
   @classmethod
   def from_config(cls, config: Any) -> "ModelConfig":
-    """From `config.model` (a ConfigDict or mapping); fields it has beyond these are ignored."""
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in config]
+    """From `config.model` (a ConfigDict or mapping); fields it has beyond these are ignored.
+
+    Fields with a default may be absent (a config.json written before they existed).
+    """
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields
+               if f.name not in config and f.default is dataclasses.MISSING]
     if missing:
       raise ValueError(f"config.model lacks {', '.join(missing)}")
-    return cls(**{f.name: f.type(config[f.name]) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: f.type(config[f.name]) for f in fields if f.name in config})
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -97,33 +128,104 @@ def block_class(cfg: ModelConfig) -> type[nn.Module]:
   return block
 
 
+# The KV cache's layout: [layers, batch, cache length, kv heads, head_dim].
+CACHE = ("layers", *layers.KV_HEADS)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+  """An empty KV cache of `length` slots for `batch` rows.
+
+  {'k', 'v': [n_layers, batch, length, n_kv_heads, head_dim] in the compute dtype,
+   'segment_ids': int32 [batch, length] (0: empty or padding), 'index': int32 scalar (next slot)}.
+  Inside jit under the logical-axis rules it is laid out like training activations.
+  """
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  kv = nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), CACHE)
+  return {"k": kv, "v": kv, "segment_ids": jnp.zeros((batch, length), jnp.int32),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def decode_block_class(cfg: ModelConfig) -> type[nn.Module]:
+  """layers.Block for decoding: no remat; scanned with the layer's cache as the scanned input."""
+  if not cfg.scan_layers:
+    return layers.Block
+  return nn.scan(
+      layers.Block, variable_axes={"params": 0}, split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 class Transformer(nn.Module):
   """Decoder-only LM: embed, n_layers pre-norm blocks, final RMSNorm, output projection."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, positions: Array, segment_ids: Array) -> Array:
+  def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
+               cache: dict | None = None, return_hidden: bool = False):
     """Next-token logits.
 
     Args:
       tokens: int32 [B, L] token ids.
       positions: int32 [B, L] position of each token within its document (rotary angles).
       segment_ids: int32 [B, L] document ids; 0 is padding. Attention never crosses documents.
+      cache: None (training, scoring: the L tokens are the whole sequence), or a KV cache from
+        `init_cache` (decoding: the L tokens follow those already in the cache).
+      return_hidden: return the final-normed hidden states [B, L, d_model] instead of logits (the
+        chunked cross-entropy turns them into logits a slice at a time: `output_logits`).
     Returns:
-      float32 [B, L, vocab_size] logits.
+      float32 [B, L, vocab_size] logits; with a cache, (float32 [B, 1, vocab_size] logits of the
+      last new token, the updated cache).
     """
     cfg = self.cfg
     embed = layers.Embed(cfg, name="embed")
     x = nn.with_logical_constraint(embed(tokens), layers.RESIDUAL)
-    block = block_class(cfg)
-    if cfg.scan_layers:
-      x, _ = block(cfg, name="layers")(x, positions, segment_ids)
+    if cache is None:
+      block = block_class(cfg)
+      if cfg.scan_layers:
+        x, _ = block(cfg, name="layers")(x, positions, segment_ids)
+      else:
+        for i in range(cfg.n_layers):
+          x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
     else:
-      for i in range(cfg.n_layers):
-        x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+      x, cache = self._decode_layers(x, positions, segment_ids, cache)
+      x = x[:, -1:]  # decoding needs only the next token's logits
     x = layers.RMSNorm(cfg, name="final_norm")(x)
+    if return_hidden:
+      return x
     logits = embed.attend(x) if cfg.tie_embeddings else layers.Unembed(cfg, name="output")(x)
-    return nn.with_logical_constraint(logits, layers.LOGITS)
+    logits = nn.with_logical_constraint(logits, layers.LOGITS)
+    return logits if cache is None else (logits, cache)
+
+  def _decode_layers(self, x, positions, segment_ids, cache):
+    """The blocks over x [B, L, D] with the KV cache; returns (x, updated cache)."""
+    cfg, index = self.cfg, cache["index"]
+    decode = {"index": index, "segment_ids": jax.lax.dynamic_update_slice(
+        cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))}
+    block = decode_block_class(cfg)
+    if cfg.scan_layers:
+      x, kv = block(cfg, name="layers")(
+          x, positions, segment_ids, {"k": cache["k"], "v": cache["v"]}, decode)
+    else:
+      per_layer = []
+      for i in range(cfg.n_layers):
+        x, layer_kv = block(cfg, name=f"layers_{i}")(
+            x, positions, segment_ids, {"k": cache["k"][i], "v": cache["v"][i]}, decode)
+        per_layer.append(layer_kv)
+      kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+    kv = {name: nn.with_logical_constraint(a, CACHE) for name, a in kv.items()}
+    return x, {**kv, "segment_ids": decode["segment_ids"],
+               "index": index + jnp.int32(x.shape[1])}
+
+
+def output_logits(cfg: ModelConfig, params: dict, x: Array) -> Array:
+  """The output projection alone: final-normed hidden x [B, L, d_model] -> float32 logits.
+
+  The same layer the model ends with (its `output` kernel, or the tied embedding table), applied
+  to the model's params; `Transformer(..., return_hidden=True)` then this equals the logits.
+  """
+  if cfg.tie_embeddings:
+    return layers.Embed(cfg).apply({"params": params["embed"]}, x, method=layers.Embed.attend)
+  return layers.Unembed(cfg).apply({"params": params["output"]}, x)
 
 
 def count_params(params: Any) -> int:

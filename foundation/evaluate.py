@@ -1,0 +1,371 @@
+r"""Evaluation: perplexity on a split, multiple-choice log-likelihood, generation tasks.
+
+  python -m foundation.evaluate --workdir runs/tiny                        # held-out perplexity
+  python -m foundation.evaluate --workdir runs/tiny --tasks mc:data/quiz.jsonl --shots 3
+  python -m foundation.evaluate --workdir runs/tiny --tasks gen:data/de-en.jsonl --metric bleu
+  python -m foundation.evaluate --workdir runs/tiny --tasks perplexity,mc:a.jsonl,gen:b.jsonl
+
+Tasks (`--tasks`, or `config.evaluate.tasks`; comma-separated):
+  perplexity   the data pipeline's eval batches (config.data's eval split, config.eval.steps
+               batches): token loss and perplexity.
+  mc:FILE      multiple choice, JSONL {"context" (or "question"), "choices": [...], "answer": i}.
+               Each choice is scored by the log-likelihood of its tokens after the context
+               (context + delimiter + choice); accuracy (highest sum) and accuracy_norm (highest
+               sum per character of the choice) are reported.
+  gen:FILE     generation, JSONL {"source" (or "prompt", "input", "context", "question"),
+               "target" (or "reference", "answer", "references": [...])}. Greedy continuation of
+               source + delimiter, cut at the first newline; exact_match (whitespace-normalised,
+               any reference) or BLEU (sacrebleu, corpus level).
+`shots` > 0 puts that many solved examples of the same file (never the one asked), separated by
+blank lines, before each question. Contexts too long for the model lose their oldest tokens.
+
+During training (the trainer's periodic evaluator; one object per task, built once):
+  evaluators = evaluate.make_evaluators(config, model, mesh, tokenizer)  # from config.evaluate
+  metrics = evaluate.run(evaluators, state["params"])                    # {'mc/quiz/accuracy': ..}
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import sys
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from foundation import generate as generate_lib
+from foundation import mesh as mesh_lib
+
+CONTEXT_FIELDS = ("context", "question")
+SOURCE_FIELDS = ("source", "prompt", "input", "context", "question")
+TARGET_FIELDS = ("target", "reference", "answer", "references")
+
+
+@dataclasses.dataclass
+class Runtime:
+  """What every evaluator needs besides the params: the model, its mesh and rules, a tokenizer."""
+  model: object
+  mesh: object
+  axis_rules: tuple
+  tokenizer: object
+
+  @property
+  def max_len(self) -> int:
+    return self.model.cfg.max_seq_len
+
+
+# ------------------------------------------------------------------ reading task files
+
+def read_jsonl(path: str, limit: int = 0) -> list[dict]:
+  """The records of a JSONL file (blank lines skipped); at most `limit` (0: all)."""
+  records = []
+  with open(path) as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+      records[-1]["_line"] = number
+      if limit and len(records) == limit:
+        break
+  if not records:
+    raise ValueError(f"{path}: no records")
+  return records
+
+
+def _field(record: dict, names: Sequence[str], path: str):
+  for name in names:
+    if name in record:
+      return record[name]
+  raise ValueError(f"{path}:{record['_line']}: the record has none of the fields {list(names)} "
+                   f"(it has {sorted(k for k in record if k != '_line')})")
+
+
+def multiple_choice_examples(path: str, limit: int = 0) -> list[tuple[str, list[str], int]]:
+  """[(context, choices, answer index)] from a multiple-choice JSONL file; bad records raise."""
+  examples = []
+  for record in read_jsonl(path, limit):
+    context = _field(record, CONTEXT_FIELDS, path)
+    choices, answer = _field(record, ("choices",), path), _field(record, ("answer",), path)
+    where = f"{path}:{record['_line']}"
+    if not isinstance(choices, list) or len(choices) < 2 or not all(
+        isinstance(c, str) for c in choices):
+      raise ValueError(f"{where}: 'choices' must be a list of at least two strings")
+    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+      raise ValueError(f"{where}: 'answer' must be the index (0..{len(choices) - 1}) of the "
+                       f"right choice, got {answer!r}")
+    examples.append((str(context), choices, answer))
+  return examples
+
+
+def generation_examples(path: str, limit: int = 0) -> list[tuple[str, list[str]]]:
+  """[(source, references)] from a generation JSONL file."""
+  examples = []
+  for record in read_jsonl(path, limit):
+    target = _field(record, TARGET_FIELDS, path)
+    references = target if isinstance(target, list) else [target]
+    examples.append((str(_field(record, SOURCE_FIELDS, path)), [str(r) for r in references]))
+  return examples
+
+
+def few_shot_indices(n: int, i: int, shots: int, seed: int) -> list[int]:
+  """`shots` example indices other than i, the same on every call and host."""
+  others = [j for j in range(n) if j != i]
+  rng = np.random.default_rng([seed, i])
+  return [others[j] for j in rng.permutation(len(others))[:shots]]
+
+
+# ------------------------------------------------------------------ scoring continuations
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _score_batch(model, params, inputs, targets, mask, segments):
+  """Sum of target log-probs over `mask`, and whether every masked target is the argmax: [B]."""
+  positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+  logits = model.apply({"params": params}, inputs, positions, segments)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  greedy = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
+  return jnp.sum(target_logp * mask, axis=1), jnp.all(greedy, axis=1)
+
+
+def score(runtime: Runtime, params, pairs: Sequence[tuple[list[int], list[int]]],
+          batch_size: int = 8) -> list[tuple[float, bool]]:
+  """(log p(continuation | context), continuation is the greedy one) for each pair of token ids.
+
+  Context + continuation is cut from the left to the model's context; rows are right-padded to a
+  power-of-two width and batches laid out on the mesh like training batches.
+  """
+  max_len = runtime.max_len
+  dp = mesh_lib.data_parallel_degree(runtime.mesh, runtime.axis_rules)
+  batch_size = -(-batch_size // dp) * dp
+  results = []
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    rows = []
+    for context, continuation in chunk:
+      if len(continuation) >= max_len:
+        raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the model's "
+                         f"context of {max_len} tokens")
+      rows.append(((context + continuation)[-(max_len + 1):], len(continuation)))
+    width = min(max_len, generate_lib.bucket(max(len(ids) - 1 for ids, _ in rows)))
+    arrays = np.zeros((4, batch_size, width), np.int32)  # inputs, targets, mask, segments
+    for b, (ids, n) in enumerate(rows):
+      length = len(ids) - 1
+      arrays[0, b, :length], arrays[1, b, :length] = ids[:-1], ids[1:]
+      arrays[2, b, length - n:length] = 1
+      arrays[3, b, :length] = 1
+    with jax.set_mesh(runtime.mesh), nn.logical_axis_rules(runtime.axis_rules):
+      placed = [generate_lib.place_batch(a, runtime.mesh, runtime.axis_rules) for a in arrays]
+      logp, greedy = _score_batch(runtime.model, params, *placed)
+    logp, greedy = generate_lib.to_host(logp), generate_lib.to_host(greedy)
+    results += [(float(logp[b]), bool(greedy[b])) for b in range(len(chunk))]
+  return results
+
+
+# ------------------------------------------------------------------ evaluators
+
+class Perplexity:
+  """Token loss and perplexity over the data pipeline's eval batches (config.data, config.eval)."""
+
+  def __init__(self, config, runtime: Runtime):
+    from foundation import data  # pylint: disable=g-import-not-at-top
+    from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
+    self.runtime = runtime
+    self.batches = data.make_eval_batches(config, jax.process_index(), jax.process_count())
+    self.sharding = mesh_lib.batch_sharding(runtime.mesh, runtime.axis_rules)
+    self.step = jax.jit(step_lib.make_eval_step(runtime.model, config))
+
+  def run(self, params) -> Iterator[tuple[str, float]]:
+    loss_sum, tokens = 0.0, 0.0
+    with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
+      for local_batch in self.batches:
+        out = self.step(params, mesh_lib.make_global_batch(local_batch, self.sharding))
+        out = jax.device_get(out)
+        loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    yield "perplexity/loss", loss
+    yield "perplexity/perplexity", float(math.exp(min(loss, 50.0)))
+    yield "perplexity/tokens", tokens
+
+
+class MultipleChoice:
+  """Log-likelihood multiple choice from a JSONL file: accuracy and length-normalised accuracy."""
+
+  def __init__(self, path: str, runtime: Runtime, shots: int = 0, limit: int = 0,
+               delimiter: str = " ", batch_size: int = 8, seed: int = 0):
+    self.name = "mc/" + os.path.splitext(os.path.basename(path))[0]
+    self.examples = multiple_choice_examples(path, limit)
+    self.runtime, self.delimiter, self.batch_size = runtime, delimiter, batch_size
+    tok = runtime.tokenizer
+    self.pairs, self.owners = [], []  # one (context ids, choice ids) per choice
+    for i, (context, choices, _) in enumerate(self.examples):
+      shots_text = "".join(
+          f"{self.examples[j][0]}{delimiter}{self.examples[j][1][self.examples[j][2]]}\n\n"
+          for j in few_shot_indices(len(self.examples), i, shots, seed))
+      context_ids = [tok.bos_id] + tok.encode(shots_text + context)
+      for choice in choices:
+        self.pairs.append((context_ids, tok.encode(delimiter + choice)))
+        self.owners.append(i)
+
+  def run(self, params) -> Iterator[tuple[str, float]]:
+    scores = score(self.runtime, params, self.pairs, self.batch_size)
+    right = right_norm = 0
+    k = 0
+    for context, choices, answer in self.examples:
+      logps = np.array([s for s, _ in scores[k:k + len(choices)]])
+      chars = np.array([max(1, len(self.delimiter + c)) for c in choices])
+      right += int(np.argmax(logps) == answer)
+      right_norm += int(np.argmax(logps / chars) == answer)
+      k += len(choices)
+    n = len(self.examples)
+    yield f"{self.name}/accuracy", right / n
+    yield f"{self.name}/accuracy_norm", right_norm / n
+    yield f"{self.name}/examples", float(n)
+
+
+def normalise(text: str) -> str:
+  return re.sub(r"\s+", " ", text).strip()
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+  """Corpus BLEU (sacrebleu, its default 13a tokenisation), 0..100."""
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  n_refs = max(len(r) for r in references)
+  # sacrebleu wants one list per reference position; a missing reference repeats the first.
+  streams = [[r[k] if k < len(r) else r[0] for r in references] for k in range(n_refs)]
+  return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
+
+
+class Generation:
+  """Greedy generation from a JSONL file, scored by exact match or BLEU."""
+
+  def __init__(self, path: str, runtime: Runtime, metric: str = "exact_match", shots: int = 0,
+               limit: int = 0, delimiter: str = " ", max_new_tokens: int = 32,
+               batch_size: int = 8, seed: int = 0):
+    if metric not in ("exact_match", "bleu"):
+      raise ValueError(f"metric={metric!r}: use 'exact_match' or 'bleu'")
+    self.name = "gen/" + os.path.splitext(os.path.basename(path))[0]
+    self.examples = generation_examples(path, limit)
+    self.runtime, self.metric, self.batch_size = runtime, metric, batch_size
+    self.max_new_tokens = min(max_new_tokens, runtime.max_len - 2)
+    tok, room = runtime.tokenizer, runtime.max_len - self.max_new_tokens
+    self.prompts = []
+    for i, (source, _) in enumerate(self.examples):
+      shots_text = "".join(
+          f"{self.examples[j][0]}{delimiter}{self.examples[j][1][0]}\n\n"
+          for j in few_shot_indices(len(self.examples), i, shots, seed))
+      ids = tok.encode(shots_text + source + delimiter)
+      self.prompts.append([tok.bos_id] + ids[-(room - 1):])  # the oldest tokens go first
+
+  def predictions(self, params) -> list[str]:
+    out = []
+    tok = self.runtime.tokenizer
+    for start in range(0, len(self.prompts), self.batch_size):
+      ids = generate_lib.generate(
+          self.runtime.model, params, self.prompts[start:start + self.batch_size],
+          max_new_tokens=self.max_new_tokens, max_len=self.runtime.max_len,
+          stop_tokens=(tok.eos_id,), pad_id=tok.pad_id, mesh=self.runtime.mesh,
+          axis_rules=self.runtime.axis_rules)
+      out += [tok.decode(row).split("\n")[0].strip() for row in ids]
+    return out
+
+  def run(self, params) -> Iterator[tuple[str, float]]:
+    hypotheses = self.predictions(params)
+    references = [refs for _, refs in self.examples]
+    if self.metric == "bleu":
+      yield f"{self.name}/bleu", bleu(hypotheses, references)
+    else:
+      hits = [any(normalise(h) == normalise(r) for r in refs)
+              for h, refs in zip(hypotheses, references)]
+      yield f"{self.name}/exact_match", float(np.mean(hits))
+    yield f"{self.name}/examples", float(len(hypotheses))
+
+
+def make_evaluators(config, model, mesh, tokenizer, eval_config=None) -> list:
+  """One evaluator per task of `eval_config` (default: config.evaluate, else its defaults)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  if eval_config is None:
+    eval_config = config.get("evaluate") or common.evaluate_config()
+  runtime = Runtime(model, mesh, mesh_lib.rules(config), tokenizer)
+  shared = dict(shots=eval_config.shots, limit=eval_config.limit,
+                delimiter=eval_config.delimiter, batch_size=eval_config.batch_size,
+                seed=eval_config.seed)
+  evaluators = []
+  for task in [t.strip() for t in eval_config.tasks.split(",") if t.strip()]:
+    kind, _, path = task.partition(":")
+    if kind == "perplexity" and not path:
+      evaluators.append(Perplexity(config, runtime))
+    elif kind == "mc" and path:
+      evaluators.append(MultipleChoice(path, runtime, **shared))
+    elif kind == "gen" and path:
+      evaluators.append(Generation(path, runtime, eval_config.metric,
+                                   max_new_tokens=eval_config.max_new_tokens, **shared))
+    else:
+      raise ValueError(f"evaluate.tasks: {task!r} is not a task; use 'perplexity', 'mc:FILE.jsonl' "
+                       f"or 'gen:FILE.jsonl'")
+  return evaluators
+
+
+def run(evaluators, params) -> dict[str, float]:
+  """{name: value} of every evaluator on `params`."""
+  return {name: value for evaluator in evaluators for name, value in evaluator.run(params)}
+
+
+# ------------------------------------------------------------------ command line
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "A run's workdir: config.json and checkpoints/.")
+  flags.DEFINE_string("tasks", "perplexity", "Comma-separated: perplexity, mc:FILE, gen:FILE.")
+  flags.DEFINE_integer("shots", 0, "Solved examples before each question.")
+  flags.DEFINE_string("metric", "exact_match", "Generation tasks: exact_match or bleu.")
+  flags.DEFINE_integer("max_new_tokens", 32, "Generation tasks: longest answer, in tokens.")
+  flags.DEFINE_integer("limit", 0, "At most this many examples per task (0: all).")
+  flags.DEFINE_integer("batch_size", 8, "Rows per batch (rounded up to the data-parallel degree).")
+  flags.DEFINE_string("delimiter", " ", "Between a context and its answer.")
+  flags.DEFINE_integer("eval_steps", None, "perplexity: eval batches (default config.eval.steps).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_multi_string("override", [], "A config field of the workdir, e.g. mesh.tensor=2.")
+  flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+
+
+def main(argv):
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not f.workdir:
+    raise app.UsageError("--workdir is required")
+  overrides = list(f.override) + ([f"eval.steps={f.eval_steps}"] if f.eval_steps else [])
+  eval_config = common.evaluate_config()
+  eval_config.update(tasks=f.tasks, shots=f.shots, metric=f.metric, limit=f.limit,
+                     max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
+                     delimiter=f.delimiter)
+  try:
+    session = generate_lib.load(f.workdir, f.step, overrides)
+    evaluators = make_evaluators(session.config, session.model, session.mesh, session.tokenizer,
+                                 eval_config)
+    results = {"step": session.step, **run(evaluators, session.params)}
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  for name, value in results.items():
+    print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+  if f.output:
+    with open(f.output, "w") as out:
+      json.dump(results, out, indent=2)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  from absl import app as _app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  _app.run(main)
