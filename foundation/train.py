@@ -117,7 +117,9 @@ def train(config, workdir: str) -> dict:
         throughput.start(step)
       is_last = step == config.steps
       if step % config.log.every == 0 or is_last:
-        train_metrics = {**jax.device_get(device_metrics), **throughput.report(step)}
+        # Realised mixture shares ('data/<source>') are logged with the loss.
+        train_metrics = {**jax.device_get(device_metrics), **throughput.report(step),
+                         **train_iter.metrics()}
         reporter.write(step, train_metrics)
       if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
         eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)

@@ -114,3 +114,25 @@ def test_restore_gives_the_next_50_batches_byte_identical(setup, two_corpora, tm
 def test_bad_mixtures_are_clear_errors(text, message):
   with pytest.raises(ValueError, match=message):
     data.make_train_iterator(make_config(mixture=text), 0, 1)
+
+
+def test_the_trainer_logs_the_realised_shares(two_corpora, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from foundation import train  # pylint: disable=g-import-not-at-top
+  from test_train import small_run_config  # pylint: disable=g-import-not-at-top
+  config = small_run_config(6, seq_len=32)
+  with config.unlocked():
+    config.data.mixture = f"{two_corpora[0]}:0.75,{two_corpora[1]}:0.25"
+    config.data.eval_fraction = 0.0
+  train.train(config, str(tmp_path))
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_records = [r for r in records if r["split"] == "train"]
+  assert len(train_records) == 6
+  shares = {k: v for k, v in train_records[-1].items() if k.startswith("data/")}
+  assert len(shares) == 2, train_records[-1]
+  # The shares of the 6 x 16 rows the run consumed: an iterator at the same position agrees.
+  iterator = data.make_train_iterator(config, 0, 1)
+  take(iterator, 6)
+  assert shares == pytest.approx(iterator.metrics(), abs=1e-6)
+  assert sum(shares.values()) == pytest.approx(1.0)
+  assert 0.6 < max(shares.values()) < 0.9, shares
