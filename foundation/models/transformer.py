@@ -10,6 +10,15 @@ final_norm/scale, output/kernel (absent when tie_embeddings); attn/{q,k,v}/bias 
 With scan_layers every `layers` leaf has a leading n_layers axis (logical name 'layers'); without,
 the blocks are `layers_0` ... `layers_{n-1}`.
 
+Fine-tuning variants (foundation/finetune.py trains them):
+  * LoRA (`lora_rank` > 0): each projection named in `lora_targets` also has lora_a, lora_b
+    (layers.Dense); training with `deterministic=False` and rngs={'dropout': key} applies
+    `lora_dropout`. With lora_rank 0 the tree is the plain one.
+  * Sequence classification (`num_classes` > 0): no vocabulary output layer; a `classifier`
+    head {kernel [d_model, num_classes], bias} reads the final-normed hidden state of each row's
+    last real token and the model returns float32 class logits [B, num_classes]. Every other
+    param is the LM's, so a pre-trained LM checkpoint fills all of it but the head.
+
 Decoding with a KV cache (foundation/generate.py drives it):
 
   cache = transformer.init_cache(mcfg, batch, length)       # every slot empty, index 0
@@ -42,6 +51,27 @@ REMAT_POLICIES = {
 }
 
 
+# The projections LoRA can adapt (their param names), and shorthands for groups of them.
+LORA_TARGETS = ("q", "k", "v", "o", "wi_gate", "wi_up", "wo")
+LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("wi_gate", "wi_up", "wo"),
+               "all": LORA_TARGETS}
+
+
+def lora_target_names(targets: str, rank: int) -> frozenset[str]:
+  """'q,v' or 'attn,wo' -> projection names, groups expanded; unknown names raise."""
+  names = set()
+  for part in filter(None, (p.strip() for p in targets.split(","))):
+    if part not in LORA_TARGETS and part not in LORA_GROUPS:
+      raise ValueError(
+          f"model.lora_targets={targets!r}: {part!r} is not a projection; use names from "
+          f"{', '.join(LORA_TARGETS)} or the groups {', '.join(LORA_GROUPS)}")
+    names.update(LORA_GROUPS.get(part, (part,)))
+  if not names:
+    raise ValueError(f"model.lora_targets={targets!r} names no projection but "
+                     f"model.lora_rank={rank}; e.g. 'q,v' or 'all'")
+  return frozenset(names)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's hyper-parameters; frozen, so hashable (a static argument and a Module field)."""
@@ -69,6 +99,12 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0    # llama3: wavelengths < original_max_len / this are kept
   rope_original_max_len: int = 8192     # llama3: the context length the model was first trained on
   sliding_window: int = 0         # attend only to the last N tokens (Mistral); 0 is unlimited
+  # Fine-tuning (see the module docstring):
+  lora_rank: int = 0              # LoRA adapter rank; 0: no adapters
+  lora_alpha: float = 16.0        # the adapter output is scaled by lora_alpha / lora_rank
+  lora_dropout: float = 0.0       # dropout on the adapters' input, in training only
+  lora_targets: str = "q,v"       # comma-separated projections (LORA_TARGETS, or attn, mlp, all)
+  num_classes: int = 0            # > 0: a sequence classifier with this many classes, not an LM
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -89,6 +125,16 @@ class ModelConfig:
                        f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.sliding_window < 0:
       raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
+    if self.lora_rank < 0:
+      raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0: no LoRA adapters)")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"model.lora_dropout={self.lora_dropout} must be in [0, 1)")
+    if self.lora_rank and self.lora_alpha <= 0:
+      raise ValueError(f"model.lora_alpha={self.lora_alpha} must be > 0")
+    if self.lora_rank:
+      lora_target_names(self.lora_targets, self.lora_rank)  # raises on an unknown name
+    if self.num_classes < 0:
+      raise ValueError(f"model.num_classes={self.num_classes} must be >= 0 (0: a language model)")
 
   @classmethod
   def from_config(cls, config: Any) -> "ModelConfig":
@@ -102,6 +148,11 @@ class ModelConfig:
     if missing:
       raise ValueError(f"config.model lacks {', '.join(missing)}")
     return cls(**{f.name: f.type(config[f.name]) for f in fields if f.name in config})
+
+  @property
+  def lora_target_names(self) -> frozenset[str]:
+    """The projections that get adapters (empty without LoRA)."""
+    return lora_target_names(self.lora_targets, self.lora_rank) if self.lora_rank else frozenset()
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -122,7 +173,7 @@ def block_class(cfg: ModelConfig) -> type[nn.Module]:
         block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     block = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True},
+        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})
   return block
@@ -161,8 +212,9 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
-               cache: dict | None = None, return_hidden: bool = False):
-    """Next-token logits.
+               cache: dict | None = None, return_hidden: bool = False,
+               last_index: Array | None = None, deterministic: bool = True):
+    """Next-token logits (or class logits, with `num_classes`).
 
     Args:
       tokens: int32 [B, L] token ids.
@@ -172,26 +224,34 @@ class Transformer(nn.Module):
         `init_cache` (decoding: the L tokens follow those already in the cache).
       return_hidden: return the final-normed hidden states [B, L, d_model] instead of logits (the
         chunked cross-entropy turns them into logits a slice at a time: `output_logits`).
+      last_index: classifiers only: int32 [B], the column of each row's last real token, whose
+        hidden state the head reads; None takes the last column with a non-zero segment id
+        (rows right-padded).
+      deterministic: False in training turns LoRA dropout on; it then needs rngs={'dropout': key}.
     Returns:
       float32 [B, L, vocab_size] logits; with a cache, (float32 [B, 1, vocab_size] logits of the
-      last new token, the updated cache).
+      last new token, the updated cache); a classifier: float32 [B, num_classes].
     """
     cfg = self.cfg
+    if cfg.num_classes and cache is not None:
+      raise ValueError(f"model.num_classes={cfg.num_classes}: a classifier does not decode")
     embed = layers.Embed(cfg, name="embed")
     x = nn.with_logical_constraint(embed(tokens), layers.RESIDUAL)
     if cache is None:
       block = block_class(cfg)
       if cfg.scan_layers:
-        x, _ = block(cfg, name="layers")(x, positions, segment_ids)
+        x, _ = block(cfg, deterministic, name="layers")(x, positions, segment_ids)
       else:
         for i in range(cfg.n_layers):
-          x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+          x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, positions, segment_ids)
     else:
       x, cache = self._decode_layers(x, positions, segment_ids, cache)
       x = x[:, -1:]  # decoding needs only the next token's logits
     x = layers.RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:
       return x
+    if cfg.num_classes:
+      return layers.ClassifierHead(cfg, name="classifier")(last_token(x, segment_ids, last_index))
     logits = embed.attend(x) if cfg.tie_embeddings else layers.Unembed(cfg, name="output")(x)
     logits = nn.with_logical_constraint(logits, layers.LOGITS)
     return logits if cache is None else (logits, cache)
@@ -217,6 +277,14 @@ class Transformer(nn.Module):
                "index": index + jnp.int32(x.shape[1])}
 
 
+def last_token(x: Array, segment_ids: Array, last_index: Array | None = None) -> Array:
+  """x [B, L, D] -> [B, D]: each row's hidden state at `last_index` [B] (default: the last column
+  whose segment id is non-zero; column 0 for an all-padding row)."""
+  if last_index is None:
+    last_index = jnp.maximum((segment_ids != 0).sum(axis=1) - 1, 0)
+  return jnp.take_along_axis(x, last_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
+
+
 def output_logits(cfg: ModelConfig, params: dict, x: Array) -> Array:
   """The output projection alone: final-normed hidden x [B, L, d_model] -> float32 logits.
 
@@ -237,14 +305,15 @@ def non_embedding_params(cfg: ModelConfig) -> int:
   """N of the PaLM FLOPs formula: every param except the input embedding table.
 
   That is all block weights and norm scales, the final norm, and the output projection -- its own
-  kernel, or the tied table counted once in that role, since the logits matmul costs the same FLOPs
-  either way. The input lookup is a gather: no FLOPs.
+  kernel (or a classifier's head), or the tied table counted once in that role, since the logits
+  matmul costs the same FLOPs either way. The input lookup is a gather: no FLOPs.
   """
   d, hd = cfg.d_model, cfg.head_dim
   attention = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2  # q, o; k, v
   mlp = 3 * d * cfg.mlp_dim
   norms = 2 * d
-  return cfg.n_layers * (attention + mlp + norms) + d + d * cfg.vocab_size
+  output = d * (cfg.num_classes or cfg.vocab_size)  # a classifier's head replaces the vocab output
+  return cfg.n_layers * (attention + mlp + norms) + d + output
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> float:

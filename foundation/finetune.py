@@ -1,0 +1,268 @@
+"""Fine-tuning pieces the trainer composes: which params train, an optimizer that leaves the rest
+untouched, LoRA merging, a pre-trained LM's params laid into a fine-tuning model, the
+classification loss, and the adapter/optimizer-memory report.
+
+  mask = finetune.trainable_mask(params, config)         # bools, the params' tree
+  optimizer = finetune.freeze_untrained(optim.make_optimizer(config), config)
+  params, report = finetune.overlay_pretrained(init_params, pretrained_params, config)
+  sums = finetune.classify_loss_sums(model, params, batch)   # config.model.num_classes > 0
+  merged = finetune.merge_lora(params, model.cfg)         # loads into model.lora_rank=0
+
+What trains: with LoRA (model.lora_rank > 0) only the adapters (lora_a, lora_b) and a
+classifier's new head; otherwise every param (full fine-tuning). Frozen params get no update at
+all -- not even weight decay -- and no Adam moments: `freeze_untrained` runs the optimizer on
+the trainable subtree alone, so its state holds moments for the trainable leaves only.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from foundation.models import transformer
+
+LORA_LEAVES = ("lora_a", "lora_b")
+HEAD = "classifier"
+# Moments Adam keeps per trainable param (mu and nu), each in the param's dtype.
+ADAM_MOMENTS = 2
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def _model_cfg(config) -> transformer.ModelConfig:
+  """A ModelConfig from a ModelConfig, a run config (its .model) or a config.model group."""
+  if isinstance(config, transformer.ModelConfig):
+    return config
+  model = config.model if "model" in config else config
+  return transformer.ModelConfig.from_config(model)
+
+
+def is_lora(path) -> bool:
+  return any(name in LORA_LEAVES for name in _names(path))
+
+
+def is_trainable(path, cfg: transformer.ModelConfig) -> bool:
+  """Whether the param at `path` (a tree path) trains under `cfg`."""
+  if not cfg.lora_rank:
+    return True
+  names = _names(path)
+  return is_lora(path) or HEAD in names
+
+
+def trainable_mask(params: Any, config) -> Any:
+  """A tree like `params` (arrays, shapes or nn.Partitioned boxes) of bools: True where the param
+  trains. `config`: the run config, its model group, or a ModelConfig."""
+  cfg = _model_cfg(config)
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_trainable(path, cfg), params)
+
+
+def partition(tree: dict, config) -> tuple[dict, dict]:
+  """(trainable, frozen): the nested dicts of `tree` (params, grads, or boxed params) split by
+  `is_trainable`; each keeps only its own leaves (empty dicts dropped). `combine` undoes it."""
+  cfg = _model_cfg(config)
+
+  def split(node, path):
+    if not isinstance(node, Mapping):
+      return (node, None) if is_trainable(path, cfg) else (None, node)
+    parts = {k: split(v, (*path, k)) for k, v in node.items()}
+    return tuple({k: p[i] for k, p in parts.items() if not _is_empty(p[i])} for i in (0, 1))
+  return split(tree, ())
+
+
+def _is_empty(node) -> bool:
+  return node is None or (isinstance(node, Mapping) and not node)
+
+
+def combine(a: dict, b: dict) -> dict:
+  """The union of two nested dicts with disjoint leaves (`partition`'s two halves)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = combine(out[k], v) if k in out else v
+  return out
+
+
+def freeze_untrained(optimizer: optax.GradientTransformation,
+                     config) -> optax.GradientTransformation:
+  """`optimizer` over the trainable params only; frozen ones get zero updates and no state.
+
+  The inner optimizer sees the trainable subtree alone (`partition`): its state (Adam's moments)
+  exists only for those leaves, clipping measures only their gradients, and weight decay never
+  touches a frozen param. Plain nested dicts throughout (no optax MaskedNode), so the state's
+  shardings come from the params' logical names like any other. With nothing frozen (full
+  fine-tuning) the optimizer is returned as is: the pre-training state layout.
+  """
+  cfg = _model_cfg(config)
+  if not cfg.lora_rank:
+    return optimizer
+
+  def init(params):
+    return optimizer.init(partition(params, cfg)[0])
+
+  def update(updates, state, params=None):
+    trainable, frozen = partition(updates, cfg)
+    inner_params = None if params is None else partition(params, cfg)[0]
+    trainable, state = optimizer.update(trainable, state, inner_params)
+    return combine(trainable, jax.tree.map(jnp.zeros_like, frozen)), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def masked_grads(grads: Any, mask: Any) -> Any:
+  """Gradients with the frozen leaves zeroed (for a grad-norm metric over what trains)."""
+  return jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
+
+
+# ---------------------------------------------------------------- LoRA merging
+
+def _merge_dense(node: dict, scale: float) -> dict:
+  """{'kernel', 'lora_a', 'lora_b', ...} -> {'kernel': W + scale * A @ B, ...}.
+
+  kernel [*lead, *in, *out], lora_a [*lead, *in, r], lora_b [*lead, r, *out]; `lead` is the
+  scanned layer axis (or nothing). The product is taken in float32.
+  """
+  kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
+  lead = a.ndim + b.ndim - 2 - kernel.ndim
+  n_in = a.ndim - 1 - lead
+  a2 = a.reshape(*a.shape[:lead], math.prod(a.shape[lead:lead + n_in]), a.shape[-1])
+  b2 = b.reshape(*b.shape[:lead + 1], -1)
+  delta = jnp.matmul(a2.astype(jnp.float32), b2.astype(jnp.float32)).reshape(kernel.shape)
+  merged = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+  return {**{k: v for k, v in node.items() if k not in LORA_LEAVES}, "kernel": merged}
+
+
+def merge_lora(params: dict, cfg: transformer.ModelConfig) -> dict:
+  """The params with every adapter folded into its kernel (W + lora_alpha / r * A @ B) and the
+  lora leaves removed: the tree of the same model with lora_rank=0 (`merged_config(cfg)`)."""
+  if not cfg.lora_rank:
+    return params
+  scale = cfg.lora_alpha / cfg.lora_rank
+
+  def walk(node):
+    if not isinstance(node, dict):
+      return node
+    if "lora_a" in node:
+      return _merge_dense(node, scale)
+    return {k: walk(v) for k, v in node.items()}
+  return walk(dict(params))
+
+
+def merged_config(cfg: transformer.ModelConfig) -> transformer.ModelConfig:
+  """The config of the merged model: the same, without adapters."""
+  return dataclasses.replace(cfg, lora_rank=0)
+
+
+# ---------------------------------------------------------------- pre-trained params
+
+def _is_new(path, cfg: transformer.ModelConfig) -> bool:
+  """Params a fine-tuning model has that a pre-trained LM does not: adapters, the head."""
+  return is_lora(path) or HEAD in _names(path)
+
+
+def overlay_pretrained(init_params: Any, pretrained: Any, config) -> tuple[Any, dict]:
+  """`init_params` with every leaf the pre-trained LM has replaced by the pre-trained value.
+
+  Adapters and a classifier head keep their init; pre-trained leaves the model lacks (a
+  classifier drops the vocabulary output) are ignored. Returns (params, report) with report
+  {'loaded', 'new', 'ignored': lists of 'a/b/c' paths}. Raises ValueError naming the param when
+  shapes differ or a base param is missing (another model size or layout).
+  """
+  cfg = _model_cfg(config)
+  flat_pre = {"/".join(_names(p)): v for p, v in jax.tree_util.tree_leaves_with_path(pretrained)}
+  report = {"loaded": [], "new": [], "ignored": []}
+
+  def take(path, leaf):
+    name = "/".join(_names(path))
+    if name in flat_pre:
+      value = flat_pre[name]
+      if tuple(value.shape) != tuple(leaf.shape):
+        raise ValueError(f"param {name}: the pre-trained checkpoint has shape {tuple(value.shape)},"
+                         f" this model {tuple(leaf.shape)}; fine-tune with the checkpoint's "
+                         f"model.* sizes (and model.scan_layers)")
+      report["loaded"].append(name)
+      return jnp.asarray(value, leaf.dtype) if hasattr(leaf, "dtype") else value
+    if not _is_new(path, cfg):
+      raise ValueError(f"param {name} is not in the pre-trained checkpoint (it has "
+                       f"{sorted(flat_pre)[:8]}...): is it the same model size and layout?")
+    report["new"].append(name)
+    return leaf
+
+  params = jax.tree_util.tree_map_with_path(take, init_params)
+  report["ignored"] = sorted(set(flat_pre) - set(report["loaded"]))
+  return params, report
+
+
+# ---------------------------------------------------------------- classification
+
+def classify_loss_sums(model, params: dict, batch: dict, deterministic: bool = True,
+                       rngs: dict | None = None) -> dict:
+  """Sums over the rows with label_mask 1 (jit-able): {'ce_sum': cross-entropy, 'correct':
+  argmax hits, 'count': rows}, all float32 scalars. Sums, so hosts and batches add up exactly.
+
+  batch: int32 inputs, positions, segment_ids [B, L]; labels, last_index, label_mask [B].
+  """
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                       batch["segment_ids"], last_index=batch["last_index"],
+                       deterministic=deterministic, rngs=rngs or {})
+  logits = logits.astype(jnp.float32)
+  labels = batch["labels"]
+  ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  mask = batch["label_mask"] > 0
+  hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  # where, not multiply: a padding row's logits must not leak a NaN into the sums.
+  return {"ce_sum": jnp.where(mask, ce, 0.0).sum(), "correct": jnp.where(mask, hit, 0.0).sum(),
+          "count": mask.sum().astype(jnp.float32)}
+
+
+def dropout_rngs(config, step) -> dict:
+  """{'dropout': a key for this step} when LoRA dropout is on, else {} (nothing to draw)."""
+  if not config.model.lora_rank or not config.model.lora_dropout:
+    return {}
+  return {"dropout": jax.random.fold_in(jax.random.key(config.seed + 1), step)}
+
+
+# ---------------------------------------------------------------- the report
+
+def count_params(tree: Any, mask: Any = None) -> int:
+  """Scalars in `tree` (arrays or shapes); with `mask`, only where it is True."""
+  leaves = jax.tree.leaves(tree)
+  keep = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
+  return sum(math.prod(x.shape) for x, m in zip(leaves, keep) if m)
+
+
+def tree_bytes(tree: Any, mask: Any = None) -> int:
+  """Bytes of the arrays (or shapes) in `tree`; with `mask`, only where it is True."""
+  leaves = jax.tree.leaves(tree)
+  keep = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize
+             for x, m in zip(leaves, keep) if m)
+
+
+def trainable_report(params: Any, mask: Any) -> dict:
+  """Param counts and Adam's state memory (mu and nu per trainable param, in the params' dtype),
+  for what trains and for full fine-tuning."""
+  return {"params": count_params(params), "trainable": count_params(params, mask),
+          "adam_state_bytes": ADAM_MOMENTS * tree_bytes(params, mask),
+          "full_adam_state_bytes": ADAM_MOMENTS * tree_bytes(params)}
+
+
+def describe(report: dict) -> str:
+  """One console line from `trainable_report`."""
+  share = report["trainable"] / max(report["params"], 1)
+  return (f"trainable: {report['trainable']:,} of {report['params']:,} params ({share:.2%}); "
+          f"Adam state {_size(report['adam_state_bytes'])} (full fine-tuning: "
+          f"{_size(report['full_adam_state_bytes'])})")
+
+
+def _size(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n:.1f} GiB"
