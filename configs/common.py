@@ -129,6 +129,23 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ))
 
 
+def guard_config() -> ml_collections.ConfigDict:
+  """What the train step does with bad numbers (docs/reliability.md)."""
+  return ml_collections.ConfigDict(dict(
+      # A step whose loss or gradients are not finite is never applied (params and optimizer state
+      # stay as they were). Then: 'skip' (log it, go on) or 'stop' (exit naming the step and the
+      # last good checkpoint).
+      nonfinite="skip",
+      max_skips_in_a_row=20,   # skipped steps in a row after which the run stops anyway
+      # Skip an update whose loss is above loss_spike x the running mean of recent losses (an
+      # exponential mean over about 100 steps); 0 disables the guard.
+      loss_spike=0.0,
+      spike_warmup=50,         # good steps before the spike guard acts
+      # Fault injection (tests, drills): comma-separated steps whose gradients are made NaN.
+      inject_nan_at="",
+  ))
+
+
 def log_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       every=10,               # console / TensorBoard / metrics.jsonl every N steps

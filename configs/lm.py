@@ -110,6 +110,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.lr = lr
   config.optim.warmup_steps = min(2000, max(1, steps // 10))
   config.data = common.data_config()
+  config.task = "lm"               # 'lm' (next-token loss); see configs/finetune.py for the others
+  # Starting and resuming (docs/reliability.md). resume: 'auto' (continue from the workdir's
+  # latest checkpoint, or start) or 'required' (refuse to start without one).
+  config.resume = "auto"
+  # A workdir or one of its checkpoints/<step> folders: start from its params (a fresh optimizer);
+  # ignored once the workdir has its own checkpoints.
+  config.init_from = ""
+  config.init_from_partial = False  # load the params whose names and shapes match; init the rest
+  config.guard = common.guard_config()
   config.checkpoint = common.checkpoint_config()
   config.eval = common.eval_config()
   config.log = common.log_config()

@@ -6,19 +6,25 @@ Layout of a workdir:
   checkpoints/<step>/data/      each process's input-iterator position (process_<i>of<n>.*)
   checkpoints/<step>/meta/      JSON: step, versions, time; `data`: the sources, the tokenizer's
                                 sha256, vocab, seq_len and host count behind the data position
-Orbax writes a step to a temporary folder and renames it when every process has finished, so only
-complete checkpoints are ever visible; `latest_step()` sees only those.
+Orbax writes a step to a temporary folder (`<step>.orbax-checkpoint-tmp`) and renames it when
+every process has finished, so only complete checkpoints are ever visible; `latest_step()` sees only
+those, and the manager deletes leftover temporary folders when it starts. Nothing is pickled: arrays
+are tensorstore (OCDBT), the rest JSON, the tf.data position TensorFlow's checkpoint format.
 """
 
 import dataclasses
 import json
 import os
+import shutil
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 # ---------------------------------------------------------------- the data-iterator item
@@ -52,14 +58,27 @@ ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)(DataIterat
 
 
 # ---------------------------------------------------------------- the manager
-def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+def checkpoints_dir(workdir: str) -> epath.Path:
   if "://" not in workdir:
     workdir = os.path.abspath(workdir)  # Orbax needs absolute paths; users type relative ones
+  return epath.Path(workdir) / "checkpoints"
+
+
+def incomplete_saves(workdir: str) -> list[str]:
+  """Temporary folders of saves that never finished (a kill mid-save); the manager deletes them."""
+  directory = checkpoints_dir(workdir)
+  if not directory.exists():
+    return []
+  return sorted(p.name for p in directory.iterdir() if TMP_SUFFIX in p.name)
+
+
+def make_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints",
+      checkpoints_dir(workdir),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.checkpoint.keep,
           enable_async_checkpointing=config.checkpoint.async_save,
+          cleanup_tmp_directories=True,
           create=True),
       item_handlers={
           "state": ocp.StandardCheckpointHandler(),
@@ -109,3 +128,176 @@ def write_config(workdir: str, config) -> None:
   path = epath.Path(workdir) / "config.json"
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- restoring, with fallbacks
+def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+  return (manager.directory / str(step) / item).exists()
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, say,
+                   check=lambda step: None):
+  """(state, step) from the newest checkpoint that restores; (None, None) when there is none.
+
+  A checkpoint that fails to read (a corrupted or truncated file) is moved to
+  WORKDIR/corrupt_checkpoints/ with a line saying why, and the next older one is tried: the run
+  loses the steps since that one, never the whole run, and never trains on garbage silently.
+  `say` prints a line for the user; `check(step)` may refuse a checkpoint (ValueError) before
+  it is read.
+  """
+  while (step := manager.latest_step()) is not None:
+    if not has_item(manager, step, "data") and "imported_from" in read_meta(manager, step):
+      # An imported model (python -m foundation.hf import) has no input position to resume.
+      raise ValueError(
+          f"{manager.directory}/0 holds imported weights, not a training run: fine-tune or "
+          f"continue pre-training in a new workdir with "
+          f"--config.init_from={manager.directory.parent}")
+    check(step)
+    try:
+      return restore(manager, step, abstract_state, data_iterator), step
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, (ValueError, KeyError)) and "shape" in str(e).lower():
+        raise  # a config that does not match the checkpoint: not corruption
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      moved = quarantine(manager, step)
+      say(f"WARNING: the checkpoint at step {step} could not be read ({reason}); moved it to "
+          f"{moved} and trying the one before it")
+  return None, None
+
+
+def quarantine(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoints/<step> aside (process 0), so that it is neither resumed nor overwritten."""
+  target = manager.directory.parent / "corrupt_checkpoints" / f"{step}-{int(time.time())}"
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(os.fspath(manager.directory / str(step)), os.fspath(target))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+  manager.reload()
+  return os.fspath(target)
+
+
+def resolve_init_from(path: str) -> tuple[epath.Path, int]:
+  """(checkpoints folder, step) for --config.init_from: a workdir (its latest checkpoint), its
+  checkpoints/ folder, or one checkpoints/<step> folder."""
+  p = epath.Path(os.path.abspath(path) if "://" not in path else path)
+  if p.name.isdigit() and (p / "state").exists():
+    return p.parent, int(p.name)
+  folder = p if p.name == "checkpoints" else p / "checkpoints"
+  steps = sorted(int(c.name) for c in folder.iterdir() if c.name.isdigit()) if folder.exists() else []
+  if not steps:
+    raise ValueError(f"init_from={path!r} holds no complete checkpoint (looked for "
+                     f"{folder}/<step>/state); give a workdir or a checkpoints/<step> folder")
+  return folder, steps[-1]
+
+
+def _key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_params(path: str, target, partial: bool = False):
+  """(params, description): the params of the checkpoint at `path` (see resolve_init_from),
+  restored straight into `target`'s shardings (a tree of jax.ShapeDtypeStruct).
+
+  The optimizer state on disk is never read. Names or shapes that differ are an error listing
+  them, unless `partial`: then the params that match are loaded and the others are returned as
+  None leaves for the caller to fill (e.g. a new classification head), and listed.
+  """
+  folder, step = resolve_init_from(path)
+  handler = ocp.PyTreeCheckpointHandler()
+  saved = handler.metadata(folder / str(step) / "state").tree
+  if "params" not in saved:
+    raise ValueError(f"{folder}/{step}/state has no 'params' (items: {sorted(saved)})")
+  on_disk = {k: tuple(v.shape) for k, v in _flat(saved["params"]).items()}
+  wanted = {k: tuple(v.shape) for k, v in _flat(target).items()}
+  missing = sorted(set(wanted) - set(on_disk))
+  unexpected = sorted(set(on_disk) - set(wanted))
+  reshaped = sorted(k for k in set(wanted) & set(on_disk) if wanted[k] != on_disk[k])
+  problems = ([f"not in the checkpoint: {', '.join(missing)}"] if missing else []) + (
+      [f"only in the checkpoint: {', '.join(unexpected)}"] if unexpected else []) + (
+      [f"shapes differ: " + ", ".join(f"{k} {on_disk[k]} on disk vs {wanted[k]} here"
+                                      for k in reshaped)] if reshaped else [])
+  if problems and not partial:
+    raise ValueError(f"init_from={path!r} (step {step}) does not match this model's params; "
+                     + "; ".join(problems) + ". Set --config.init_from_partial=True to load the "
+                     "matching ones and initialise the rest")
+  load = {k for k in wanted if k in on_disk and wanted[k] == on_disk[k]}
+  item = {"params": _only(target, load)}
+  manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))["state"]["params"]
+  manager.close()
+  note = f"{folder}/{step}: {len(load)} of {len(wanted)} param arrays"
+  if problems:
+    note += " (" + "; ".join(problems) + ")"
+  return _fill(target, restored), note
+
+
+def _only(tree: dict, keys: set[str], prefix: str = "") -> dict:
+  """The nested-dict subtree of `tree` whose flattened keys are in `keys`."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      sub = _only(v, keys, f"{prefix}{k}/")
+      if sub:
+        out[k] = sub
+    elif f"{prefix}{k}" in keys:
+      out[k] = v
+  return out
+
+
+def _fill(target: dict, loaded: dict) -> dict:
+  """`target`'s structure with the loaded arrays, None where nothing was loaded."""
+  return {k: (_fill(v, loaded.get(k, {})) if isinstance(v, dict) else loaded.get(k))
+          for k, v in target.items()}
+
+
+
+# ---------------------------------------------------------------- the same run, or another
+# Fields that may differ when a workdir is resumed: how long, where, how it is laid out and
+# watched. Anything else (model, data, optimizer, batch, seed) would make the resumed run another
+# run; docs/reliability.md lists these.
+RESUMABLE_FIELDS = ("steps", "mesh.", "grad_accum", "model.remat_policy", "model.logits_chunk",
+                    "model.attention", "checkpoint.", "eval.", "evaluate.", "log.", "guard.",
+                    "resume", "init_from", "data.prefetch", "data.tfds_data_dir")
+
+
+def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.loads(json.dumps(v, default=str))  # tuples -> lists, as on disk
+  return out
+
+
+def config_differences(saved: dict, config) -> list[str]:
+  """'field: saved -> now' for each field that differs and may not change on resume."""
+  then, now = _flat_config(saved), _flat_config(config.to_dict())
+  changed = []
+  for field in sorted(set(then) | set(now)):
+    if field.startswith(RESUMABLE_FIELDS) or then.get(field) == now.get(field):
+      continue
+    changed.append(f"{field}: {then.get(field, '(absent)')!r} -> {now.get(field, '(absent)')!r}")
+  return changed
+
+
+def check_same_run(workdir: str, config) -> None:
+  """Refuses to resume a workdir that another config wrote (its config.json), naming the fields."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return
+  changed = config_differences(json.loads(path.read_text()), config)
+  if changed:
+    raise ValueError(
+        f"{workdir} was written by another config; these fields differ from its config.json: "
+        + "; ".join(changed[:12]) + (f"; and {len(changed) - 12} more" if len(changed) > 12
+                                    else "")
+        + ". Use a new --workdir, or set the fields back (fields that may change on resume: "
+        + ", ".join(RESUMABLE_FIELDS) + ")")

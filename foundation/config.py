@@ -63,6 +63,34 @@ def check_values(config) -> None:
                       f"eval.every={config.eval.every} > 0")
   if config.checkpoint.every <= 0:
     raise ConfigError(f"checkpoint.every={config.checkpoint.every} must be positive")
+  if "guard" in config:
+    check_start_and_guard(config)
+
+
+def check_start_and_guard(config) -> None:
+  """resume / init_from / guard.* (docs/reliability.md)."""
+  if config.resume not in ("auto", "required"):
+    raise ConfigError(f"resume={config.resume!r} is not one of ('auto', 'required')")
+  g = config.guard
+  if g.nonfinite not in ("skip", "stop"):
+    raise ConfigError(f"guard.nonfinite={g.nonfinite!r} is not one of ('skip', 'stop')")
+  if g.max_skips_in_a_row <= 0 or g.spike_warmup < 0:
+    raise ConfigError(f"guard.max_skips_in_a_row={g.max_skips_in_a_row} must be positive and "
+                      f"guard.spike_warmup={g.spike_warmup} >= 0")
+  if g.loss_spike and g.loss_spike <= 1:
+    raise ConfigError(f"guard.loss_spike={g.loss_spike} must be 0 (off) or above 1: an update is "
+                      f"skipped when its loss is above loss_spike x the recent mean")
+  try:
+    inject_nan_steps(config)
+  except ValueError:
+    raise ConfigError(f"guard.inject_nan_at={g.inject_nan_at!r} must be comma-separated step "
+                      f"numbers, e.g. '7,12'") from None
+
+
+def inject_nan_steps(config) -> tuple[int, ...]:
+  """The steps of guard.inject_nan_at, e.g. '7,12' -> (7, 12)."""
+  text = config.guard.inject_nan_at if "guard" in config else ""
+  return tuple(int(part) for part in str(text).split(",") if part.strip())
 
 
 # Model sizes split by a logical axis, and the field that sets each.

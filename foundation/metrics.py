@@ -50,6 +50,10 @@ class Throughput:
     self.t0, self.step0 = time.perf_counter(), step
 
   def report(self, step: int) -> dict:
+    """The rates since the last report; {} when no timed step has run since (the first step
+    compiles, and is not timed)."""
+    if step <= self.step0:
+      return {}
     seconds = time.perf_counter() - self.t0
     steps = max(step - self.step0, 1)
     step_time = seconds / steps

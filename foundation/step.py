@@ -1,6 +1,7 @@
 """The train state, born sharded, and the jitted train and eval steps.
 
-The state is a plain dict: {'step': int32 scalar, 'params': tree, 'opt_state': optax state}.
+The state is a plain dict: {'step': int32 scalar, 'params': tree, 'opt_state': optax state,
+'guard': the bad-step guard's scalars (see `guard_update`)}.
 Its shardings come from the logical axis names the model puts on its params: `jax.eval_shape` of
 the init gives shapes and names without allocating, the rules map names to mesh axes, and the init
 itself is jitted with those `out_shardings`, so no param ever exists unsharded.
@@ -32,10 +33,17 @@ def _dummy_inputs(config, batch: int = 1):
   return tokens, tokens, jnp.ones_like(tokens)  # tokens, positions, segment_ids
 
 
+def initial_guard() -> dict:
+  """The bad-step guard's state: a running mean of good losses and skip counters."""
+  return {"loss_mean": jnp.zeros((), jnp.float32), "good_steps": jnp.zeros((), jnp.int32),
+          "skipped": jnp.zeros((), jnp.int32), "skipped_in_a_row": jnp.zeros((), jnp.int32)}
+
+
 def _boxed_state(model, optimizer, config, rng):
   """The state with params still in their nn.Partitioned boxes (logical names attached)."""
   params = model.init(rng, *_dummy_inputs(config))["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+          "guard": initial_guard()}
 
 
 def state_shardings(model, optimizer, config, mesh: Mesh):
@@ -123,14 +131,39 @@ def split_micro_batches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+SPIKE_MEAN_DECAY = 0.99  # the running loss mean of the spike guard spans about 100 steps
+
+
+def guard_update(guard: dict, loss, grad_norm, config):
+  """(apply, new guard): whether this step's update may be applied, and the guard's new state.
+
+  An update is refused when its loss or gradient norm is not finite, or (guard.loss_spike > 0)
+  when its loss is above loss_spike x the running mean of the good steps' losses.
+  """
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  spike = config.guard.loss_spike
+  if spike:
+    ok &= ~((guard["good_steps"] >= config.guard.spike_warmup) & (loss > spike * guard["loss_mean"]))
+  mean = jnp.where(guard["good_steps"] == 0, loss,
+                   SPIKE_MEAN_DECAY * guard["loss_mean"] + (1 - SPIKE_MEAN_DECAY) * loss)
+  bad = (~ok).astype(jnp.int32)
+  return ok, {"loss_mean": jnp.where(ok, mean, guard["loss_mean"]),
+              "good_steps": guard["good_steps"] + 1 - bad,
+              "skipped": guard["skipped"] + bad,
+              "skipped_in_a_row": (guard["skipped_in_a_row"] + 1) * bad}
+
+
 def make_train_step(model, optimizer, config):
   """step(state, batch) -> (state, metrics); pure, to be jitted with shardings.
 
   With config.grad_accum = n > 1 the batch is processed as n micro-batches in a lax.scan, the
   gradients summed: the same update as one step on the whole batch, with 1/n of the activations.
+  A step with non-finite loss or gradients (or a loss spike, when guarded) leaves params and
+  optimizer state exactly as they were; metrics['skipped'] says so.
   """
   schedule = optim.learning_rate_schedule(config)
   z_weight = config.optim.z_loss
+  nan_steps = jnp.asarray(config_lib.inject_nan_steps(config), jnp.int32)
 
   def scaled_loss(params, batch, n_tokens):
     ce_sum, z_sum = loss_sums(model, params, batch, config.model.logits_chunk)
@@ -156,13 +189,23 @@ def make_train_step(model, optimizer, config):
       grads, (ce_sum, z_sum) = accumulated_grads(state["params"], batch, n_tokens)
     else:
       grads, (ce_sum, z_sum) = grad_fn(state["params"], batch, n_tokens)
+    if nan_steps.size:  # fault injection: this step's gradients become NaN
+      poisoned = jnp.isin(state["step"] + 1, nan_steps)
+      grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+    loss, grad_norm = ce_sum / n_tokens, optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": ce_sum / n_tokens, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
+    apply, guard = guard_update(state["guard"], loss, grad_norm, config)
+    keep_if_bad = lambda new, old: jnp.where(apply, new, old)
+    params = jax.tree.map(keep_if_bad, params, state["params"])
+    opt_state = jax.tree.map(keep_if_bad, opt_state, state["opt_state"])
+    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+               "lr": schedule(state["step"]), "skipped": guard["skipped"],
+               "skipped_in_a_row": guard["skipped_in_a_row"]}
     if z_weight:
       metrics["z_loss"] = z_weight * z_sum / n_tokens
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+            "guard": guard}, metrics
 
   return train_step
 

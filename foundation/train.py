@@ -4,9 +4,14 @@ r"""Pre-trains a language model: one straight loop, readable top to bottom.
       [--config.steps=500 --config.mesh.fsdp=-1 ...]
 
 Starting again with the same --workdir resumes from its latest complete checkpoint.
+Exit codes: 0 done; 75 preempted (SIGTERM / Ctrl-C: the step was saved, run the same command again
+to resume); 3 stopped on bad numbers (guard.nonfinite=stop or too many skipped steps in a row);
+1 a config or input error, named in one line. docs/reliability.md has the details.
 """
 
 import os
+import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported by the input
 
@@ -22,6 +27,7 @@ from foundation import generate
 from foundation import mesh as mesh_lib
 from foundation import metrics as metrics_lib
 from foundation import optim
+from foundation import preemption as preemption_lib
 from foundation import step as step_lib
 from foundation.models import transformer
 
@@ -38,6 +44,68 @@ def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict:
     loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
   loss = loss_sum / max(tokens, 1.0)
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+EXIT_BAD_NUMBERS = 3
+
+
+class RunStopped(Exception):
+  """The run stopped itself (bad numbers); the message says at which step and what to do."""
+
+
+def start_state(config, workdir, manager, model, optimizer, mesh, abstract_state, state_shardings,
+                train_iter, say):
+  """The state to train from: the workdir's newest readable checkpoint (with the input position),
+  else `init_from`'s params with a fresh optimizer, else a fresh init from `config.seed`."""
+
+  def check_data(step):  # another tokenizer, vocab, seq_len, data or host count: refuse, clearly
+    data.check_resume(checkpoint.read_meta(manager, step).get("data"), train_iter.description(),
+                      step)
+
+  state, step = checkpoint.restore_latest(manager, abstract_state, train_iter, say, check_data)
+  if state is not None:
+    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
+        checkpoint.read_meta(manager, step)["time"]))
+    say(f"resumed from the checkpoint at step {step} (saved {saved_at}); the steps after it are "
+        f"run again")
+    return state
+  if config.resume == "required":
+    raise config_lib.ConfigError(
+        f"resume=required but {manager.directory} holds no complete checkpoint: check --workdir, "
+        f"or use --config.resume=auto to start from scratch")
+  state = step_lib.init_state(model, optimizer, config, mesh, state_shardings)
+  if not config.init_from:
+    say("started from scratch (no checkpoint in the workdir)")
+    return state
+  params, note = checkpoint.load_params(config.init_from, abstract_state["params"],
+                                        config.init_from_partial)
+  params = jax.tree.map(lambda loaded, fresh: fresh if loaded is None else loaded,
+                        params, state["params"], is_leaf=lambda x: x is None)
+  say(f"started from the params of {note}, with a fresh optimizer")
+  return {**state, "params": params}  # a fresh optimizer state is zeros: init_state's is
+
+
+def check_guard(step: int, metrics: dict, config, manager, say) -> None:
+  """Says so when the train step refused an update; stops the run when the config asks to."""
+  if not metrics["skipped_in_a_row"]:
+    return
+  loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+  why = ("non-finite loss or gradients" if not np.isfinite(loss) or not np.isfinite(grad_norm)
+         else f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
+              f"recent mean)")
+  say(f"step {step}: {why} (loss {loss:.4g}, grad norm {grad_norm:.4g}): update skipped, params "
+      f"and optimizer state unchanged ({int(metrics['skipped_in_a_row'])} in a row, "
+      f"{int(metrics['skipped'])} in all)")
+  in_a_row = int(metrics["skipped_in_a_row"])
+  if config.guard.nonfinite == "stop" or in_a_row >= config.guard.max_skips_in_a_row:
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    where = (f"the last checkpoint is step {last}: {manager.directory / str(last)}"
+             if last is not None else "there is no checkpoint yet")
+    reason = ("guard.nonfinite=stop" if config.guard.nonfinite == "stop" else
+              f"{in_a_row} skipped steps in a row (guard.max_skips_in_a_row)")
+    raise RunStopped(f"stopped at step {step} ({reason}); {where}. Lower optim.lr or look at "
+                     f"the data near this step, then start again")
 
 
 def train(config, workdir: str) -> dict:
@@ -80,21 +148,19 @@ def train(config, workdir: str) -> dict:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
 
-  # ------------------------------------------------------------------ Checkpoint: resume or init
-  manager = checkpoint.make_manager(workdir, config)
+  # ------------------------------------------------------------------ Checkpoint: resume or start
+  try:  # a workdir written by another config is refused, naming the fields
+    checkpoint.check_same_run(workdir, config)
+    leftovers = checkpoint.incomplete_saves(workdir)  # the manager deletes them as it starts
+    manager = checkpoint.make_manager(workdir, config)
+    if leftovers:
+      reporter.print(f"deleted {len(leftovers)} incomplete checkpoint save(s) that a kill left "
+                     f"behind: {', '.join(leftovers)}")
+    state = start_state(config, workdir, manager, model, optimizer, mesh, abstract_state,
+                        state_shardings, train_iter, reporter.print)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
   checkpoint.write_config(workdir, config)
-  latest = manager.latest_step()
-  if latest is None:
-    state = step_lib.init_state(model, optimizer, config, mesh, state_shardings)
-    reporter.print("started from scratch (no checkpoint in the workdir)")
-  else:
-    try:  # another tokenizer, vocab, seq_len, data or (on-the-fly) host count: refuse, clearly
-      data.check_resume(checkpoint.read_meta(manager, latest).get("data"),
-                        train_iter.description(), latest)
-    except ValueError as e:
-      raise config_lib.ConfigError(str(e)) from None
-    state = checkpoint.restore(manager, latest, abstract_state, train_iter)
-    reporter.print(f"resumed from the checkpoint at step {latest}")
   first_step = int(jax.device_get(state["step"]))
 
   # ------------------------------------------------------------------ Steps
@@ -104,32 +170,52 @@ def train(config, workdir: str) -> dict:
                                       peak * jax.device_count() if peak else None)
 
   # ------------------------------------------------------------------ Loop
-  train_metrics, eval_metrics = {}, {}
-  with step_lib.sharding_context(config, mesh):
+  train_metrics, eval_metrics, preempted_at = {}, {}, None
+  guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row")
+  with step_lib.sharding_context(config, mesh), preemption_lib.Preemption() as preemption:
     if eval_batches and first_step == 0:
       eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
       reporter.write(0, eval_metrics, prefix="eval")
-    for step in range(first_step + 1, config.steps + 1):
-      batch = mesh_lib.make_global_batch(next(train_iter), batch_sharding)
-      state, device_metrics = train_step(state, batch)
-      if step == first_step + 1:
-        jax.block_until_ready(state)  # the first step compiles: time the rest only
-        throughput.start(step)
-      is_last = step == config.steps
-      if step % config.log.every == 0 or is_last:
-        # Realised mixture shares ('data/<source>') are logged with the loss.
-        train_metrics = {**jax.device_get(device_metrics), **throughput.report(step),
-                         **train_iter.metrics()}
-        reporter.write(step, train_metrics)
-      if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
-        eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
-        reporter.write(step, eval_metrics, prefix="eval")
-      if step % config.checkpoint.every == 0 or is_last:
-        checkpoint.save(manager, step, state, train_iter)
-    manager.wait_until_finished()
+    previous = None  # (step, metrics) of the step before, read once the next one is queued
+    try:
+      for step in range(first_step + 1, config.steps + 1):
+        batch = mesh_lib.make_global_batch(next(train_iter), batch_sharding)
+        state, device_metrics = train_step(state, batch)
+        if step == first_step + 1:
+          jax.block_until_ready(state)  # the first step compiles: time the rest only
+          throughput.start(step)
+        if previous:  # one step late, so the device never waits for this host
+          check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
+        previous = (step, {k: device_metrics[k] for k in guard_keys})
+        is_last = step == config.steps
+        if step % config.log.every == 0 or is_last:
+          # A mixture's realised shares ('data/<source>') are logged with the loss.
+          shares = train_iter.metrics()
+          train_metrics = {**jax.device_get(device_metrics), **throughput.report(step),
+                           **(shares if len(shares) > 1 else {})}
+          reporter.write(step, train_metrics)
+        if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
+          eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+          reporter.write(step, eval_metrics, prefix="eval")
+        saved = step % config.checkpoint.every == 0 or is_last
+        if saved:
+          checkpoint.save(manager, step, state, train_iter)
+        if preemption.should_stop(step):  # every process stops at the same step
+          if not saved:
+            checkpoint.save(manager, step, state, train_iter)
+          preempted_at = step
+          break
+      if previous:
+        check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
+    finally:
+      manager.wait_until_finished()  # a started save always completes, whatever stops the loop
+    if preempted_at is not None:
+      reporter.print(f"{preemption.signal_name}: saved the checkpoint at step {preempted_at} and "
+                     f"stopped (exit code {preemption_lib.EXIT_PREEMPTED}); run the same command "
+                     f"again to resume")
 
     # ---------------------------------------------------------------- A sample
-    if config.log.generate_tokens > 0:
+    if config.log.generate_tokens > 0 and preempted_at is None:
       text = generate.greedy_continuation(model, state["params"], tokenizer, config.log.prompt,
                                           config.log.generate_tokens, config.seq_len)
       reporter.print(f"--- greedy continuation of {config.log.prompt!r}:\n"
@@ -137,7 +223,7 @@ def train(config, workdir: str) -> dict:
       reporter.write_text(config.steps, "sample", config.log.prompt + text)
   reporter.close()
   manager.close()
-  return {"train": train_metrics, "eval": eval_metrics}
+  return {"train": train_metrics, "eval": eval_metrics, "preempted_at": preempted_at}
 
 
 def main(argv):
@@ -148,9 +234,14 @@ def main(argv):
                          "--config configs/lm.py:size=tiny --workdir runs/tiny")
   logging.set_verbosity(logging.WARNING)
   try:
-    train(_CONFIG.value, _WORKDIR.value)
+    result = train(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
+  except RunStopped as e:
+    print(f"foundation: {e}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_NUMBERS) from None
+  if result["preempted_at"] is not None:
+    raise SystemExit(preemption_lib.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,25 @@ for ((i = 0; i < n; i++)); do
   pids+=($!)
 done
 
+# A scheduler's SIGTERM (or Ctrl-C) goes to every process: they agree on a step, save it and exit
+# with 75 (foundation.train's "preempted" code), which this script passes on.
+signalled=0
+trap 'signalled=1; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
+
 # A process that fails leaves the others blocked in a collective: stop them all.
 status=0
 for ((i = 0; i < n; i++)); do
-  if ! wait -n; then
-    echo "local_multiprocess: a process failed; stopping the others" >&2
+  code=0
+  wait -n || code=$?
+  if [[ $code -eq 127 ]]; then
+    break  # no process left
+  elif [[ $signalled -eq 1 && $code -gt 128 ]]; then
+    ((i--)) || true  # the trap interrupted the wait, not a process ending
+    signalled=2
+  elif [[ $code -eq 75 && $status -eq 0 ]]; then
+    status=75  # preempted: the others stop at the same step by themselves
+  elif [[ $code -ne 0 && $code -ne 75 ]]; then
+    echo "local_multiprocess: a process failed (exit $code); stopping the others" >&2
     status=1
     kill "${pids[@]}" 2>/dev/null || true
   fi

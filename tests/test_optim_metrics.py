@@ -105,3 +105,13 @@ def test_reporter_writes_tensorboard_events_and_jsonl(tmp_path):
   assert scalars["train/loss"] == (5, 2.5)
   assert scalars["eval/loss"] == (5, 2.75)
   np.testing.assert_allclose(scalars["train/lr"][1], 1e-3, rtol=1e-6)
+
+
+def test_no_rates_before_a_timed_step():
+  # The first step compiles; the trainer starts the clock after it, so no rate exists at it.
+  throughput = metrics_lib.Throughput(tokens_per_step=1000, flops_per_step=4e12,
+                                      peak_flops_total=8e12)
+  throughput.start(1)
+  assert throughput.report(1) == {}
+  throughput.t0 -= 1.0
+  assert throughput.report(3)["step_time"] == pytest.approx(0.5, rel=1e-2)
