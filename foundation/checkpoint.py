@@ -199,13 +199,14 @@ def _flat(tree) -> dict[str, Any]:
   return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: str, target, partial: bool = False):
+def load_params(path: str, target, partial: bool = False, expected=lambda key: False):
   """(params, description): the params of the checkpoint at `path` (see resolve_init_from),
   restored straight into `target`'s shardings (a tree of jax.ShapeDtypeStruct).
 
   The optimizer state on disk is never read. Names or shapes that differ are an error listing
   them, unless `partial`: then the params that match are loaded and the others are returned as
-  None leaves for the caller to fill (e.g. a new classification head), and listed.
+  None leaves for the caller to fill, and listed. `expected(key)` names differences that are
+  no error (a fine-tuning model's new adapters or head); those are left to init too.
   """
   folder, step = resolve_init_from(path)
   handler = ocp.PyTreeCheckpointHandler()
@@ -214,8 +215,8 @@ def load_params(path: str, target, partial: bool = False):
     raise ValueError(f"{folder}/{step}/state has no 'params' (items: {sorted(saved)})")
   on_disk = {k: tuple(v.shape) for k, v in _flat(saved["params"]).items()}
   wanted = {k: tuple(v.shape) for k, v in _flat(target).items()}
-  missing = sorted(set(wanted) - set(on_disk))
-  unexpected = sorted(set(on_disk) - set(wanted))
+  missing = sorted(k for k in set(wanted) - set(on_disk) if not expected(k))
+  unexpected = sorted(k for k in set(on_disk) - set(wanted) if not expected(k))
   reshaped = sorted(k for k in set(wanted) & set(on_disk) if wanted[k] != on_disk[k])
   problems = ([f"not in the checkpoint: {', '.join(missing)}"] if missing else []) + (
       [f"only in the checkpoint: {', '.join(unexpected)}"] if unexpected else []) + (
@@ -233,6 +234,9 @@ def load_params(path: str, target, partial: bool = False):
       partial_restore=True)))["state"]["params"]
   manager.close()
   note = f"{folder}/{step}: {len(load)} of {len(wanted)} param arrays"
+  new = sorted(k for k in set(wanted) - load if expected(k))
+  if new:
+    note += f" ({len(new)} new, initialised: {', '.join(new[:6])}{', ...' if len(new) > 6 else ''})"
   if problems:
     note += " (" + "; ".join(problems) + ")"
   return _fill(target, restored), note

@@ -65,6 +65,26 @@ def check_values(config) -> None:
     raise ConfigError(f"checkpoint.every={config.checkpoint.every} must be positive")
   if "guard" in config:
     check_start_and_guard(config)
+  check_finetuning(config)
+
+
+def check_finetuning(config) -> None:
+  """task, LoRA and classifier fields (configs/finetune.py)."""
+  task = config.get("task", "lm")
+  if task not in ("lm", "sft", "classify"):
+    raise ConfigError(f"task={task!r} is not one of ('lm', 'sft', 'classify')")
+  classes = config.model.get("num_classes", 0)
+  if (task == "classify") != (classes > 0):
+    raise ConfigError(f"task={task!r} with model.num_classes={classes}: a classifier needs "
+                      f"task='classify' and model.num_classes > 0, the other tasks 0")
+  if classes and config.grad_accum > 1:
+    raise ConfigError(f"grad_accum={config.grad_accum}: a classifier trains without gradient "
+                      f"accumulation; use grad_accum=1")
+  from foundation.models import transformer  # pylint: disable=g-import-not-at-top
+  try:  # bad lora_* values
+    transformer.ModelConfig.from_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_start_and_guard(config) -> None:

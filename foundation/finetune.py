@@ -165,6 +165,16 @@ def _is_new(path, cfg: transformer.ModelConfig) -> bool:
   return is_lora(path) or HEAD in _names(path)
 
 
+def expected_difference(key: str, config) -> bool:
+  """Whether a param named `key` ('a/b/c') may be in a pre-trained checkpoint and not in this
+  model, or the reverse, when fine-tuning starts from it (init_from): adapters and a classifier
+  head are new, and a classifier has no LM output layer."""
+  names = key.split("/")
+  if any(n in LORA_LEAVES for n in names) or HEAD in names:
+    return True
+  return config.model.get("num_classes", 0) > 0 and names[0] == "output"
+
+
 def overlay_pretrained(init_params: Any, pretrained: Any, config) -> tuple[Any, dict]:
   """`init_params` with every leaf the pre-trained LM has replaced by the pre-trained value.
 

@@ -155,5 +155,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """Assembles each host's numpy part into one global jax.Array per field."""
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  """Assembles each host's numpy part into one global jax.Array per field. `sharding` is the
+  [batch, length] one; per-row fields ([batch]: a classifier's labels) take its batch axes."""
+  return {k: jax.make_array_from_process_local_data(for_rank(sharding, v.ndim), v)
+          for k, v in local_batch.items()}
+
+
+def for_rank(sharding: NamedSharding, ndim: int) -> NamedSharding:
+  """The [batch, length] sharding cut to an array of rank `ndim` (1: per-row fields)."""
+  if ndim >= len(sharding.spec):
+    return sharding
+  return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[:ndim]))

@@ -17,11 +17,18 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
 from foundation import config as config_lib
+from foundation import finetune
 from foundation import mesh as mesh_lib
 from foundation import optim
 from foundation.models import transformer
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+# A classifier's batches (config.model.num_classes > 0): one example per row, a label per row.
+CLASSIFY_KEYS = ("inputs", "segment_ids", "positions", "labels", "last_index", "label_mask")
+
+
+def is_classifier(config) -> bool:
+  return config.model.get("num_classes", 0) > 0
 
 
 def make_model(config) -> transformer.Transformer:
@@ -86,7 +93,7 @@ def cross_entropy_sums(logits, targets, loss_mask):
   return ((log_z - target_logit) * mask).sum(), (jnp.square(log_z) * mask).sum()
 
 
-def loss_sums(model, params, batch, chunk: int = 0):
+def loss_sums(model, params, batch, chunk: int = 0, rngs=None):
   """(ce_sum, z_sum) of the model on one batch.
 
   chunk > 0: the logits are made `chunk` positions at a time inside a rematerialised scan, so the
@@ -94,10 +101,12 @@ def loss_sums(model, params, batch, chunk: int = 0):
   vocab] does. Same numbers, less memory, a second output matmul in the backward pass.
   """
   args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+  # rngs: {'dropout': key} when LoRA dropout trains; otherwise the model is deterministic.
+  dropout = {"deterministic": False, "rngs": rngs} if rngs else {}
   if not chunk or chunk >= batch["inputs"].shape[1]:
-    logits = model.apply({"params": params}, *args)
+    logits = model.apply({"params": params}, *args, **dropout)
     return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-  hidden = model.apply({"params": params}, *args, return_hidden=True)
+  hidden = model.apply({"params": params}, *args, return_hidden=True, **dropout)
 
   def by_chunk(x):  # [B, L, ...] -> [L / chunk, B, chunk, ...]
     x = x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
@@ -165,16 +174,21 @@ def make_train_step(model, optimizer, config):
   z_weight = config.optim.z_loss
   nan_steps = jnp.asarray(config_lib.inject_nan_steps(config), jnp.int32)
 
-  def scaled_loss(params, batch, n_tokens):
-    ce_sum, z_sum = loss_sums(model, params, batch, config.model.logits_chunk)
+  classifier = is_classifier(config)
+
+  def scaled_loss(params, batch, n_tokens, rngs):
+    if classifier:  # cross-entropy over the classes of each row's last token
+      sums = finetune.classify_loss_sums(model, params, batch, deterministic=not rngs, rngs=rngs)
+      return sums["ce_sum"] / n_tokens, (sums["ce_sum"], jnp.float32(0))
+    ce_sum, z_sum = loss_sums(model, params, batch, config.model.logits_chunk, rngs)
     return (ce_sum + z_weight * z_sum) / n_tokens, (ce_sum, z_sum)
 
   grad_fn = jax.grad(scaled_loss, has_aux=True)
 
-  def accumulated_grads(params, batch, n_tokens):
+  def accumulated_grads(params, batch, n_tokens, rngs):
     def add_micro(carry, micro):
       grads, ce_sum, z_sum = carry
-      g, (ce, z) = grad_fn(params, micro, n_tokens)
+      g, (ce, z) = grad_fn(params, micro, n_tokens, rngs)
       return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, z_sum + z), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -184,17 +198,23 @@ def make_train_step(model, optimizer, config):
     return grads, (ce_sum, z_sum)
 
   def train_step(state, batch):
-    n_tokens = jnp.maximum(batch["loss_mask"].sum().astype(jnp.float32), 1.0)
+    weights = batch["label_mask"] if classifier else batch["loss_mask"]
+    n_tokens = jnp.maximum(weights.sum().astype(jnp.float32), 1.0)
+    rngs = finetune.dropout_rngs(config, state["step"])
     if config.grad_accum > 1:
-      grads, (ce_sum, z_sum) = accumulated_grads(state["params"], batch, n_tokens)
+      grads, (ce_sum, z_sum) = accumulated_grads(state["params"], batch, n_tokens, rngs)
     else:
-      grads, (ce_sum, z_sum) = grad_fn(state["params"], batch, n_tokens)
+      grads, (ce_sum, z_sum) = grad_fn(state["params"], batch, n_tokens, rngs)
+    # Frozen params (LoRA's base) get no update; their gradients do not count in the norm.
+    grads = finetune.masked_grads(grads, finetune.trainable_mask(state["params"], config))
     if nan_steps.size:  # fault injection: this step's gradients become NaN
       poisoned = jnp.isin(state["step"] + 1, nan_steps)
       grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     loss, grad_norm = ce_sum / n_tokens, optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    mask = finetune.trainable_mask(state["params"], config)  # frozen leaves: the same bits
+    params = jax.tree.map(lambda new, old, m: new if m else old, params, state["params"], mask)
     apply, guard = guard_update(state["guard"], loss, grad_norm, config)
     keep_if_bad = lambda new, old: jnp.where(apply, new, old)
     params = jax.tree.map(keep_if_bad, params, state["params"])
@@ -214,6 +234,9 @@ def make_eval_step(model, config):
   """eval_step(params, batch) -> {'loss_sum', 'tokens'}: sums, so hosts and batches add up exactly."""
 
   def eval_step(params, batch):
+    if is_classifier(config):  # 'tokens' counts rows here: the loss is per example
+      sums = finetune.classify_loss_sums(model, params, batch)
+      return {"loss_sum": sums["ce_sum"], "tokens": sums["count"], "correct": sums["correct"]}
     ce_sum, _ = loss_sums(model, params, batch, config.model.logits_chunk)
     return {"loss_sum": ce_sum, "tokens": batch["loss_mask"].sum()}
 
@@ -223,7 +246,9 @@ def make_eval_step(model, config):
 def jit_steps(model, optimizer, config, mesh: Mesh, shardings):
   """The train step (state donated) and eval step, jitted with explicit in/out shardings."""
   batch_sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
-  batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+  per_row = ("labels", "last_index", "label_mask")
+  batch_shardings = {k: mesh_lib.for_rank(batch_sharding, 1 if k in per_row else 2)
+                     for k in (CLASSIFY_KEYS if is_classifier(config) else BATCH_KEYS)}
   replicated = mesh_lib.replicated(mesh)
   train_step = jax.jit(
       make_train_step(model, optimizer, config),

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from foundation import checkpoint
 from foundation import config as config_lib
 from foundation import data
+from foundation import finetune
 from foundation import generate
 from foundation import mesh as mesh_lib
 from foundation import metrics as metrics_lib
@@ -37,13 +38,35 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs an
 
 
 def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict:
-  """Held-out loss and perplexity over the fixed eval batches (sums first: exact over hosts)."""
-  loss_sum, tokens = 0.0, 0.0
+  """Held-out loss and perplexity (a classifier: loss and accuracy) over the fixed eval batches
+  (sums first: exact over hosts)."""
+  sums = {}
   for local_batch in eval_batches:
     out = jax.device_get(eval_step(params, mesh_lib.make_global_batch(local_batch, batch_sharding)))
-    loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-  loss = loss_sum / max(tokens, 1.0)
+    sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+  count = max(sums.get("tokens", 0.0), 1.0)
+  loss = sums.get("loss_sum", 0.0) / count
+  if "correct" in sums:
+    return {"loss": loss, "accuracy": sums["correct"] / count}
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def make_input(config):
+  """(train iterator, eval batches) for the config's task: pre-training text, SFT chats, or
+  labelled examples for a classifier."""
+  index, count = jax.process_index(), jax.process_count()
+  evals = config.eval.every > 0
+  if config.task == "sft":
+    from foundation.data import sft  # pylint: disable=g-import-not-at-top
+    return (sft.make_sft_iterator(config, index, count),
+            sft.make_sft_eval_batches(config, index, count) if evals else [])
+  if config.task == "classify":
+    from foundation.data import classify  # pylint: disable=g-import-not-at-top
+    examples = classify.ClassifyData(config)
+    return (classify.make_classify_iterator(config, index, count, examples),
+            classify.make_classify_eval_batches(config, index, count, examples) if evals else [])
+  return (data.make_train_iterator(config, index, count),
+          data.make_eval_batches(config, index, count) if evals else [])
 
 
 EXIT_BAD_NUMBERS = 3
@@ -78,7 +101,8 @@ def start_state(config, workdir, manager, model, optimizer, mesh, abstract_state
     say("started from scratch (no checkpoint in the workdir)")
     return state
   params, note = checkpoint.load_params(config.init_from, abstract_state["params"],
-                                        config.init_from_partial)
+                                        config.init_from_partial,
+                                        lambda key: finetune.expected_difference(key, config))
   params = jax.tree.map(lambda loaded, fresh: fresh if loaded is None else loaded,
                         params, state["params"], is_leaf=lambda x: x is None)
   say(f"started from the params of {note}, with a fresh optimizer")
@@ -132,6 +156,9 @@ def train(config, workdir: str) -> dict:
   optimizer = optim.make_optimizer(config)
   abstract_state, state_shardings = step_lib.state_shardings(model, optimizer, config, mesh)
   n_params = transformer.count_params(abstract_state["params"])
+  if config.model.lora_rank:  # what trains, and the optimizer memory it saves
+    reporter.print(finetune.describe(finetune.trainable_report(
+        abstract_state["params"], finetune.trainable_mask(abstract_state["params"], config))))
   flops_per_step = transformer.flops_per_token(model.cfg, config.seq_len) * (
       config.batch_size * config.seq_len)
   reporter.print(f"model: {n_params:,} params, {flops_per_step / 1e12:.3g} TFLOP per step "
@@ -139,9 +166,7 @@ def train(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ Input
   try:  # a bad source, glob, feature, mixture or tokenizer is a config error, not a traceback
-    train_iter = data.make_train_iterator(config, jax.process_index(), jax.process_count())
-    eval_batches = (data.make_eval_batches(config, jax.process_index(), jax.process_count())
-                    if config.eval.every > 0 else [])
+    train_iter, eval_batches = make_input(config)
     # The SentencePiece model is kept as WORKDIR/tokenizer.model, fixed once checkpoints exist.
     data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
   except ValueError as e:
@@ -215,7 +240,7 @@ def train(config, workdir: str) -> dict:
                      f"again to resume")
 
     # ---------------------------------------------------------------- A sample
-    if config.log.generate_tokens > 0 and preempted_at is None:
+    if config.log.generate_tokens > 0 and preempted_at is None and not step_lib.is_classifier(config):
       text = generate.greedy_continuation(model, state["params"], tokenizer, config.log.prompt,
                                           config.log.generate_tokens, config.seq_len)
       reporter.print(f"--- greedy continuation of {config.log.prompt!r}:\n"

@@ -15,7 +15,7 @@ import numpy as np
 
 _STATE_FILE = re.compile(r"process_(\d+)of(\d+)\.")
 # Positions that are one global position, the same on every host: they resume on any host count.
-GLOBAL_POSITIONS = ("prepared", "tf.data-global")
+GLOBAL_POSITIONS = ("prepared", "tf.data-global", "sft", "classify")
 
 
 def state_prefix(directory: str, process_index: int, process_count: int) -> str:
