@@ -321,7 +321,10 @@ def bench(config, steps: int, warmup: int, measure_ceilings: bool = True,
       nonlocal state
       state = compiled(state, batches[0])[0]
       jax.block_until_ready(state)
-    result["breakdown"] = profile_breakdown(compiled, one_step, profile_steps, stats["median"])
+    try:
+      result["breakdown"] = profile_breakdown(compiled, one_step, profile_steps, stats["median"])
+    except Exception as e:  # the profiler is a diagnosis: its failure must not lose the timings
+      result["breakdown"] = {"error": f"profiling failed: {type(e).__name__}: {e}"[:1000]}
   peak = metrics_lib.peak_flops_per_device(devices[0].device_kind, config.log.peak_tflops)
   flops = model_flops_per_step(config)
   matmul = result["ceilings"]["matmul"]["tflops"] if result["ceilings"] else None
@@ -440,15 +443,18 @@ def run_peer(argv: list[str], steps: int, warmup: int, compile_peer: bool,
                        f"({sys.executable}); `pip install torch transformers` to compare"}
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "peer.json")
-    command = [sys.executable, PEER, *config_args(argv), f"--steps={steps}", f"--warmup={warmup}",
-               f"--json={out}", f"--precision={precision}",
-               "--compile" if compile_peer else "--nocompile"]
+    args = [*config_args(argv), f"--steps={steps}", f"--warmup={warmup}",
+            f"--precision={precision}", "--compile" if compile_peer else "--nocompile"]
+    command = [sys.executable, PEER, *args, f"--json={out}"]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if not os.path.exists(out):  # a record is written also when the model does not fit
       return {"failed": f"exit status {proc.returncode}", "command": shlex.join(command),
               "stderr": proc.stderr[-3000:]}
     with open(out) as f:
-      return json.load(f)
+      record = json.load(f)
+    # The command to repeat it, without this run's temporary --json.
+    record["command"] = shlex.join(["python", "benchmarks/peer_torch.py", *args])
+    return record
 
 
 # ------------------------------------------------------------------ the report
