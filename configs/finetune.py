@@ -17,10 +17,19 @@ or a prepared TFDS dataset such as 'tfds:imdb_reviews'):
       --workdir runs/cls --config.init_from=runs/tiny \
       --config.classify.train_path=data/reviews.csv --config.model.num_classes=2
 
+An imported Hugging Face model (python -m foundation.hf import ... --workdir runs/llama1b) or any
+other workdir: `base=` names it, and its config.json gives the model, seq_len and tokenizer:
+  python -m foundation.train --config configs/finetune.py:task=sft,base=runs/llama1b,lora \
+      --workdir runs/llama1b_sft --config.sft.train_path=data/chat.jsonl
+
 Arguments after the colon: `task=` sft or classify; `base=` a configs/lm.py size (the shape of the
-checkpoint in init_from); `lora` adds adapters; `quick` shortens the run. init_from='' trains
-from scratch (the baseline a fine-tuning run should beat).
+checkpoint in init_from) or a workdir (its model, seq_len and data.tokenizer; init_from is that
+workdir); `lora` adds adapters; `quick` shortens the run. init_from='' trains from scratch (the
+baseline a fine-tuning run should beat).
 """
+
+import json
+import os
 
 import ml_collections
 
@@ -56,15 +65,40 @@ def classify_config() -> ml_collections.ConfigDict:
   ))
 
 
+def base_config(base: str, quick: bool) -> tuple[ml_collections.ConfigDict, str]:
+  """(configs/lm.py's config for `base`, the init_from it implies). A size name gives that size
+  (init_from left for the command line); a workdir gives configs/lm.py's tiny run with the
+  workdir's model fields, seq_len and tokenizer, and init_from the workdir."""
+  quick_arg = ",quick" if quick else ""
+  if base in lm.SIZES:
+    return lm.get_config(f"size={base}{quick_arg}"), ""
+  path = os.path.join(base, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"config argument base={base!r} is neither a configs/lm.py size "
+                     f"({', '.join(lm.SIZES)}) nor a workdir with a config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  config = lm.get_config(f"size=tiny{quick_arg}")
+  with config.unlocked():
+    # The base model's fields; a field it lacks (an older run) keeps the template's value. Its own
+    # adapters or head (a fine-tuned base) are not carried over: this run chooses its own.
+    config.model.update({k: v for k, v in saved["model"].items() if k in config.model and
+                         not k.startswith("lora_") and k != "num_classes"})
+    config.seq_len = min(saved.get("seq_len", config.seq_len), config.model.max_seq_len)
+    config.data.tokenizer = saved.get("data", {}).get("tokenizer", config.data.tokenizer)
+    config.size = f"{saved.get('size', 'custom')} ({base})"
+  return config, base
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, task="sft", base="tiny", lora=False, quick=False)
   if args["task"] not in TASKS:
     raise ValueError(f"config argument task={args['task']!r} is unknown; tasks: {', '.join(TASKS)}")
-  config = lm.get_config(f"size={args['base']}" + (",quick" if args["quick"] else ""))
+  config, init_from = base_config(args["base"], args["quick"])
   with config.unlocked():
     config.task = args["task"]
     # A checkpoint workdir (or checkpoint folder) whose params start the run; a new optimizer.
-    config.init_from = ""
+    config.init_from = init_from
     config.sft = sft_config()
     config.classify = classify_config()
     # Fine-tuning moves a trained model a little: a smaller peak lr, a short warmup, few steps.

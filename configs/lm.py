@@ -121,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.guard = common.guard_config()
   config.checkpoint = common.checkpoint_config()
   config.eval = common.eval_config()
+  config.evaluate = common.evaluate_config()  # task evaluators (off unless evaluate.every > 0)
   config.log = common.log_config()
 
   if size in ("test", "tiny"):

@@ -77,6 +77,10 @@ def check_finetuning(config) -> None:
   if (task == "classify") != (classes > 0):
     raise ConfigError(f"task={task!r} with model.num_classes={classes}: a classifier needs "
                       f"task='classify' and model.num_classes > 0, the other tasks 0")
+  if classes and config.get("evaluate") and config.evaluate.every > 0:
+    raise ConfigError(f"evaluate.every={config.evaluate.every}: the task evaluators score a "
+                      f"language model's tokens, and task='classify' trains a classifier; its "
+                      f"accuracy is eval.* (set evaluate.every=0)")
   if classes and config.grad_accum > 1:
     raise ConfigError(f"grad_accum={config.grad_accum}: a classifier trains without gradient "
                       f"accumulation; use grad_accum=1")

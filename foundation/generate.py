@@ -33,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from foundation import mesh as mesh_lib
+from foundation.data import tokenizers
 from foundation.models import transformer
 
 # Prompt lengths are padded up to a power of two of at least this: few shapes, few compiles.
@@ -321,17 +322,8 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
   model = transformer.Transformer(transformer.ModelConfig.from_config(config.model))
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = restore_params(workdir, abstract_params(model, config, mesh), step)
-  tokenizer = make_tokenizer(config.data.tokenizer)
+  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
   return Session(config, model, params, tokenizer, mesh, step)
-
-
-def make_tokenizer(name: str):
-  """data.make_tokenizer, and a Hugging Face tokenizer.json (an imported model's) too."""
-  if name.endswith(".json"):
-    from foundation import hf  # pylint: disable=g-import-not-at-top
-    return hf.HFTokenizer(name)
-  from foundation import data  # pylint: disable=g-import-not-at-top
-  return data.make_tokenizer(name)
 
 
 # ------------------------------------------------------------------ chat

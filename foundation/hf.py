@@ -344,63 +344,6 @@ def load_params(source: str, cfg: transformer.ModelConfig, target) -> Any:
   return jax.tree_util.tree_map_with_path(load, target)
 
 
-# ------------------------------------------------------------------ tokenizer.json
-
-class HFTokenizer:
-  """A Hugging Face tokenizer.json (the `tokenizers` package) behind foundation's tokenizer API.
-
-  `encode` adds no special tokens (callers add BOS, as packing does); `decode` drops them. The
-  special ids are the file's own: bos/eos/pad named by tokenizer_config.json beside it, else the
-  usual token names; without a BOS token (Qwen2) EOS stands in for it, without a pad token EOS.
-  """
-  has_external_state = True  # tf_encode runs in a tf.py_function, like SentencePiece
-  NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"),
-           "eos": ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"),
-           "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")}
-
-  def __init__(self, path: str):
-    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
-    self.path = path
-    self._tok = Tokenizer.from_file(path)
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    named = {}
-    side = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-    if os.path.exists(side):
-      for kind in self.NAMES:
-        token = read_json(side).get(f"{kind}_token")
-        named[kind] = token.get("content") if isinstance(token, dict) else token
-    ids = {kind: self._id(named.get(kind), self.NAMES[kind]) for kind in self.NAMES}
-    if ids["eos"] is None:
-      raise ValueError(f"{path}: no EOS token found (tokenizer_config.json eos_token, or one of "
-                       f"{self.NAMES['eos']})")
-    self.eos_id = ids["eos"]
-    self.bos_id = self.eos_id if ids["bos"] is None else ids["bos"]
-    self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]
-
-  def _id(self, named: str | None, usual: Sequence[str]) -> int | None:
-    for token in ([named] if named else []) + list(usual):
-      if self._tok.token_to_id(token) is not None:
-        return self._tok.token_to_id(token)
-    return None
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def decode(self, ids) -> str:
-    """Drops special tokens and ids past the vocabulary."""
-    keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
-    return self._tok.decode(keep, skip_special_tokens=True)
-
-  def tf_encode(self, text):
-    """tf.string scalar -> int32 [n], through tf.py_function."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    ids = tf.py_function(
-        lambda t: np.asarray(self.encode(t.numpy().decode("utf-8", errors="replace")), np.int32),
-        [text], tf.int32)
-    ids.set_shape([None])
-    return ids
-
-
 # ------------------------------------------------------------------ export
 
 def _to_host(x) -> np.ndarray:

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from foundation import checkpoint
 from foundation import config as config_lib
 from foundation import data
+from foundation import evaluate as evaluate_lib
 from foundation import finetune
 from foundation import generate
 from foundation import mesh as mesh_lib
@@ -167,11 +168,17 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Input
   try:  # a bad source, glob, feature, mixture or tokenizer is a config error, not a traceback
     train_iter, eval_batches = make_input(config)
-    # The SentencePiece model is kept as WORKDIR/tokenizer.model, fixed once checkpoints exist.
+    # The tokenizer's files are kept in the workdir, fixed once checkpoints exist.
     data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
+  # Task evaluators (perplexity, multiple choice, generation; config.evaluate), built once.
+  try:
+    evaluators = (evaluate_lib.make_evaluators(config, model, mesh, tokenizer)
+                  if config.evaluate.every > 0 else [])
+  except (ValueError, FileNotFoundError) as e:
+    raise config_lib.ConfigError(str(e)) from None
 
   # ------------------------------------------------------------------ Checkpoint: resume or start
   try:  # a workdir written by another config is refused, naming the fields
@@ -201,6 +208,8 @@ def train(config, workdir: str) -> dict:
     if eval_batches and first_step == 0:
       eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
       reporter.write(0, eval_metrics, prefix="eval")
+    if evaluators and first_step == 0:  # the tasks before any training: the baseline
+      reporter.write(0, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
     previous = None  # (step, metrics) of the step before, read once the next one is queued
     try:
       for step in range(first_step + 1, config.steps + 1):
@@ -222,6 +231,8 @@ def train(config, workdir: str) -> dict:
         if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
           eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
           reporter.write(step, eval_metrics, prefix="eval")
+        if evaluators and (step % config.evaluate.every == 0 or is_last):
+          reporter.write(step, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
         saved = step % config.checkpoint.every == 0 or is_last
         if saved:
           checkpoint.save(manager, step, state, train_iter)

@@ -38,16 +38,15 @@ def test_bench_command_records_speed_device_and_command(tmp_path):
   out = tmp_path / "bench.json"
   peer = bench.torch_importable()
   command = [sys.executable, "-m", "foundation.bench", "--config", "configs/lm.py:size=test",
-             "--steps", "3", "--warmup", "1", "--profile", "1", "--json", str(out)]
-  command += ["--peer", "--nopeer_compile"] if peer else []
+             "--steps", "3", "--warmup", "1", "--profile", "1", "--json", str(out),
+             "--peer", "--nopeer_compile"]  # without torch the record says why the peer was skipped
   # One CPU device (not the tests' eight): the sharded step is the trainer's, tested there.
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "XLA_FLAGS": ""})
   assert result.returncode == 0, result.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["command"] == ("python -m foundation.bench --config configs/lm.py:size=test --steps 3 "
-                          f"--warmup 1 --profile 1 --json {out}"
-                          + (" --peer --nopeer_compile" if peer else ""))
+                          f"--warmup 1 --profile 1 --json {out} --peer --nopeer_compile")
   assert r["command"] in result.stdout and "tokens/s" in result.stdout
   assert r["platform"] == "cpu" and r["devices"] == 1 and r["jax"] and r["xla_flags"] == ""
   assert r["fits"] is True and r["loss"]["finite"]

@@ -16,6 +16,7 @@ import pytest
 
 from configs import common
 from configs import lm
+from foundation import config as config_lib
 from foundation import data
 from foundation import evaluate
 from foundation import generate
@@ -225,3 +226,33 @@ def test_command_line(tmp_path):
                           "gen/pairs/bleu", "gen/pairs/examples"}
   assert results["mc/quiz/examples"] == 4 and 0 <= results["mc/quiz/accuracy"] <= 1
   assert f"perplexity/perplexity: {results['perplexity/perplexity']:.6g}" in result.stdout
+
+
+def test_the_trainer_runs_the_tasks_periodically(tmp_path):
+  """evaluate.every=2: the tasks at steps 0, 2 and 4 in metrics.jsonl; the perplexity task reads
+  the same eval batches as the trainer's own eval, so the two losses agree."""
+  from foundation import train  # pylint: disable=g-import-not-at-top
+  quiz = write_jsonl(tmp_path / "quiz.jsonl", [
+      {"context": f"{i} + 1 =", "choices": [f" {i + 1}", " x", " 0"], "answer": 0}
+      for i in range(3)])
+  config = lm.get_config("size=test")
+  with config.unlocked():
+    config.update(steps=4)
+    config.eval.update(every=2, steps=2)
+    config.evaluate.update(every=2, tasks=f"perplexity,mc:{quiz}")
+    config.checkpoint.every = 100
+    config.log.update(every=2, generate_tokens=0)
+  workdir = tmp_path / "run"
+  train.train(config, str(workdir))
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  tasks = {r["step"]: r for r in records if r["split"] == "tasks"}
+  evals = {r["step"]: r for r in records if r["split"] == "eval"}
+  assert sorted(tasks) == [0, 2, 4]
+  for step, record in tasks.items():
+    assert record["mc/quiz/examples"] == 3 and 0 <= record["mc/quiz/accuracy"] <= 1
+    np.testing.assert_allclose(record["perplexity/loss"], evals[step]["loss"], rtol=1e-6)
+  assert tasks[4]["perplexity/loss"] < tasks[0]["perplexity/loss"]  # it trained
+  with config.unlocked():
+    config.evaluate.tasks = "mc:missing.jsonl"
+  with pytest.raises(config_lib.ConfigError, match="missing.jsonl"):  # one line, before training
+    train.train(config, str(tmp_path / "other"))

@@ -112,3 +112,32 @@ def test_a_classification_head_learns_a_labelled_csv(tmp_path):
       "checkpoint.every": 40, "log.every": 10})
   result = train.train(config, str(tmp_path / "cls"))
   assert result["eval"]["accuracy"] >= 0.9, result["eval"]
+
+
+def test_lora_sft_of_an_imported_hugging_face_model_with_its_tokenizer_json(
+    pretrained, tmp_path, capsys):
+  """Our checkpoint exported to HF safetensors with a tokenizer.json, imported back, then
+  fine-tuned with `base=` the imported workdir: the model, seq_len and tokenizer come from it,
+  the chat records are read with the tokenizer.json, and the base stays bit-identical."""
+  from foundation import hf  # pylint: disable=g-import-not-at-top
+  from test_tokenizer_json import write_tokenizer_json  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / "hf"
+  hf.export_checkpoint(pretrained, str(hf_dir))
+  records = sft.python_function_records(100, seed=1)
+  write_tokenizer_json(hf_dir, [r["prompt"] + r["response"] for r in records])
+  imported = hf.import_checkpoint(str(hf_dir), str(tmp_path / "imported"), dtype="float32")
+  chat_file = tmp_path / "chat.jsonl"
+  chat_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+  config = finetune_configs.get_config(f"task=sft,base={imported},lora,quick")
+  assert config.init_from == imported and config.data.tokenizer.endswith("imported/tokenizer.json")
+  workdir = str(tmp_path / "tuned")
+  train.train(set_fields(config, **{"steps": 3, "sft.train_path": str(chat_file), "eval.every": 0,
+                                    "checkpoint.every": 3, "log.every": 1}), workdir)
+  out = capsys.readouterr().out
+  assert f"started from the params of {imported}" in out and "hf tokenizer (300 ids" in out
+  base, tuned = flat(read_params(pretrained, PRETRAIN_STEPS)), flat(read_params(workdir, 3))
+  assert set(tuned) - {k for k in tuned if "lora_" in k} == set(base)
+  for key, value in base.items():  # through export, import and 3 LoRA steps: unchanged
+    np.testing.assert_array_equal(tuned[key], value, err_msg=key)
+  with pytest.raises(ValueError, match=r"base='nowhere' is neither a configs/lm.py size"):
+    finetune_configs.get_config("task=sft,base=nowhere")

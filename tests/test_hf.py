@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from foundation import data
 from foundation import generate
 from foundation import hf
 from foundation import mesh as mesh_lib
@@ -258,7 +259,7 @@ def test_hf_tokenizer_json(tmp_path):
   tok.train_from_iterator(["def fibonacci(n):\n  return n", "hello world"] * 10, trainer)
   path = str(tmp_path / "tokenizer.json")
   tok.save(path)
-  ours = generate.make_tokenizer(path)
+  ours = data.make_tokenizer(path)
   assert (ours.bos_id, ours.eos_id, ours.pad_id) == (0, 1, 1)
   ids = ours.encode("hello world")
   assert ours.bos_id not in ids and ours.decode([ours.bos_id] + ids + [ours.eos_id]) == \
@@ -266,5 +267,5 @@ def test_hf_tokenizer_json(tmp_path):
   # tokenizer_config.json beside it names the special tokens (an instruct model's EOS).
   with open(tmp_path / "tokenizer_config.json", "w") as f:
     json.dump({"bos_token": None, "eos_token": {"content": "<|eot_id|>"}}, f)
-  ours = generate.make_tokenizer(path)
+  ours = data.make_tokenizer(path)
   assert (ours.bos_id, ours.eos_id) == (0, 2)  # no bos named: the usual name still found

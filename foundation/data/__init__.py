@@ -1,7 +1,7 @@
 """tf.data input for pre-training: sources, mixtures, tokenizers, packing, prepared shards,
 per-host batches, exact resume.
 
-  tok = data.make_tokenizer(config.data.tokenizer)          # 'byte' or a SentencePiece .model path
+  tok = data.make_tokenizer(config.data.tokenizer)          # 'byte', a SentencePiece .model, a tokenizer.json
   it = data.make_train_iterator(config, process_index, process_count)
   batch = next(it)   # int32 [batch_size // process_count, seq_len]:
                      #   inputs, targets, segment_ids, positions, loss_mask

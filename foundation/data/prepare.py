@@ -154,16 +154,15 @@ def prepare(config, output: str, shard_tokens: int = 2**27, max_docs: int = 0,
       log(f"{split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens, "
           f"{len(entry['shards'])} shard(s); skipped {entry['skipped_documents']} not UTF-8")
     fingerprint = tokenizers.fingerprint(tokenizer, config.data.tokenizer)
-    if fingerprint["kind"] == "sentencepiece":
-      with open(os.path.join(partial, prepared.TOKENIZER_FILE), "wb") as f:
-        f.write(tokenizer.model_proto)
+    for name, contents in tokenizers.files(tokenizer).items():  # the data's tokenizer, kept with it
+      with open(os.path.join(partial, name), "wb") as f:
+        f.write(contents)
     manifest = {
         "format": prepared.FORMAT,
         "source": source.spec,
         "settings": {k: config.data[k] for k in ("file_format", "text_feature", "invalid_utf8",
                                                  "eval_fraction", "train_split", "eval_split")},
-        "tokenizer": {**fingerprint, "file": prepared.TOKENIZER_FILE
-                      if fingerprint["kind"] == "sentencepiece" else None},
+        "tokenizer": fingerprint,
         "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name,
         "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
         "max_id": max(s["max_id"] for s in splits.values()),

@@ -3,7 +3,7 @@
 A prepared folder holds, per split, the token stream of its documents — [bos] + ids for each
 document, end to end, and one bos after the last — cut into .npy shards (uint16, or uint32 for
 vocabularies past 65,536), plus manifest.json (shards, token and document counts, the tokenizer's
-sha256, a fingerprint) and a copy of the SentencePiece model when there is one.
+sha256, a fingerprint) and a copy of the tokenizer's files (tokenizers.files) when it has any.
 
 Rows are windows of seq_len + 1 stream tokens at multiples of seq_len (packing.stream_rows turns
 them into inputs/targets/starts), so any seq_len can read the same folder. Train rows come in a
@@ -28,7 +28,6 @@ from foundation.data import sources
 
 MANIFEST = "manifest.json"
 FORMAT = "foundation.prepared/1"
-TOKENIZER_FILE = "tokenizer.model"
 _FEISTEL_ROUNDS = 4
 
 
@@ -188,8 +187,8 @@ def _check_manifest(config, source: sources.Source, manifest: dict, tokenizer) -
   made_with = manifest["tokenizer"]
   ours = tokenizers.fingerprint(tokenizer)
   if (made_with["kind"], made_with["sha256"]) != (ours["kind"], ours["sha256"]):
-    stored = (f"--config.data.tokenizer={os.path.join(source.arg, TOKENIZER_FILE)}"
-              if made_with["kind"] == "sentencepiece" else "--config.data.tokenizer=byte")
+    stored = (f"--config.data.tokenizer={os.path.join(source.arg, made_with['file'])}"
+              if made_with.get("file") else "--config.data.tokenizer=byte")
     raise ValueError(
         f"data.tokenizer={config.data.tokenizer!r} ({tokenizers.describe(ours)}) is not the "
         f"tokenizer {source.where} was prepared with ({tokenizers.describe(made_with)}); train "

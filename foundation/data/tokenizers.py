@@ -1,17 +1,21 @@
-"""Tokenizers: bytes (no training, 259 ids) and SentencePiece models.
+"""Tokenizers: bytes (no training, 259 ids), SentencePiece models, Hugging Face tokenizer.json.
 
-Both share one id layout so the packing code never asks which one it has:
-pad=0, bos=1, eos=2 (and SentencePiece's unk=3). `encode` never adds bos/eos: packing does.
+`data.tokenizer` is 'byte', a SentencePiece `.model` file, or a Hugging Face `tokenizer.json`
+(an imported model's, with `tokenizer_config.json` beside it naming its special tokens).
+Our own two share one id layout, pad=0, bos=1, eos=2 (and SentencePiece's unk=3); a tokenizer.json
+keeps its own ids, so the pipeline always asks the tokenizer for `bos_id`/`eos_id`/`pad_id`.
+`encode` never adds bos/eos: packing does.
 
 Each tokenizer also has `tf_encode(text) -> int32 [n]` for use inside a tf.data map. TensorFlow is
 imported only there, so the Python side works on machines without it (GPU images).
 
-A run keeps its SentencePiece model as WORKDIR/tokenizer.model and each checkpoint records the
-tokenizer's sha256 (`fingerprint`), so a resume or a prepared folder with another tokenizer is a
-clear error instead of a model reading the wrong ids.
+A run keeps its tokenizer's files in the workdir (WORKDIR/tokenizer.model, or tokenizer.json and
+tokenizer_config.json) and each checkpoint records their sha256 (`fingerprint`), so a resume or a
+prepared folder with another tokenizer is a clear error instead of a model reading the wrong ids.
 """
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -106,7 +110,84 @@ class SentencePieceTokenizer:
                                             tf.ensure_shape(lengths, [None]))
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class HFTokenizer:
+  """A Hugging Face tokenizer.json (the `tokenizers` package) behind foundation's tokenizer API.
+
+  `encode` adds no special tokens (packing adds BOS/EOS, as for the others); `decode` drops them.
+  The special ids are the file's own: bos/eos/pad named by tokenizer_config.json beside it, else the
+  usual token names; without a BOS token (Qwen2) EOS stands in for it, without a pad token EOS.
+  """
+  has_external_state = True  # tf_encode runs in a tf.py_function, like SentencePiece
+  NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"),
+           "eos": ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"),
+           "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")}
+  SIDECAR = "tokenizer_config.json"
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self.json_bytes = sources.read_file(path)
+    side = os.path.join(os.path.dirname(path), self.SIDECAR)
+    self.sidecar_bytes = sources.read_file(side) if _path_exists(side) else None
+    try:
+      self._tok = Tokenizer.from_str(self.json_bytes.decode("utf-8"))
+    except Exception as e:  # the tokenizers package raises its own exception type
+      raise ValueError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json: {e}") from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    named = {}
+    if self.sidecar_bytes is not None:
+      sidecar = json.loads(self.sidecar_bytes)
+      for kind in self.NAMES:
+        token = sidecar.get(f"{kind}_token")
+        named[kind] = token.get("content") if isinstance(token, dict) else token
+    ids = {kind: self._id(named.get(kind), self.NAMES[kind]) for kind in self.NAMES}
+    if ids["eos"] is None:
+      raise ValueError(f"{path}: no EOS token found ({self.SIDECAR} eos_token, or one of "
+                       f"{self.NAMES['eos']})")
+    self.eos_id = ids["eos"]
+    self.bos_id = self.eos_id if ids["bos"] is None else ids["bos"]
+    self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]
+
+  def _id(self, named: str | None, usual) -> int | None:
+    for token in ([named] if named else []) + list(usual):
+      if self._tok.token_to_id(token) is not None:
+        return self._tok.token_to_id(token)
+    return None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    """Drops special tokens and ids past the vocabulary."""
+    keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+    return self._tok.decode(keep, skip_special_tokens=True)
+
+  def _encode_bytes(self, text):
+    return np.asarray(self.encode(text.numpy().decode("utf-8", errors="replace")), np.int32)
+
+  def tf_encode(self, text):
+    """tf.string scalar -> int32 [n], through tf.py_function."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    ids = tf.py_function(self._encode_bytes, [text], tf.int32)
+    ids.set_shape([None])
+    return ids
+
+  def _encode_batch(self, texts):
+    pieces = [e.ids for e in self._tok.encode_batch(
+        [t.decode("utf-8", errors="replace") for t in texts.numpy()], add_special_tokens=False)]
+    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    flat = np.fromiter((i for p in pieces for i in p), np.int32, int(lengths.sum()))
+    return flat, lengths
+
+  def tf_encode_batch(self, texts):
+    """tf.string [n] -> int32 RaggedTensor [n, None]: one batched (multi-threaded) encode call."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    flat, lengths = tf.py_function(self._encode_batch, [texts], [tf.int32, tf.int64])
+    return tf.RaggedTensor.from_row_lengths(tf.ensure_shape(flat, [None]),
+                                            tf.ensure_shape(lengths, [None]))
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
 
 
 def _path_exists(path: str) -> bool:
@@ -117,14 +198,16 @@ def _path_exists(path: str) -> bool:
 
 
 def make_tokenizer(name: str) -> Tokenizer:
-  """'byte' -> ByteTokenizer; anything else is the path of a SentencePiece .model file."""
+  """'byte' -> ByteTokenizer; a path ending in .json -> HFTokenizer; else a SentencePiece model."""
   if name == "byte":
     return ByteTokenizer()
   if not name or not _path_exists(name):
     raise ValueError(
-        f"data.tokenizer={name!r}: no such SentencePiece model file. Use 'byte', or train one: "
-        f"python -m foundation.tokenizer --config configs/lm.py:size=tiny --vocab_size 1000 "
-        f"--output DIR/sp.model")
+        f"data.tokenizer={name!r}: no such tokenizer file. Use 'byte', a Hugging Face "
+        f"tokenizer.json, or a SentencePiece model; to train one: python -m foundation.tokenizer "
+        f"--config configs/lm.py:size=tiny --vocab_size 1000 --output DIR/sp.model")
+  if name.endswith(".json"):
+    return HFTokenizer(name)
   return SentencePieceTokenizer(sources.read_file(name), path=name)
 
 
@@ -137,17 +220,30 @@ def check_vocab_size(tokenizer: Tokenizer, config) -> None:
         f"--config.model.vocab_size to at least {tokenizer.vocab_size} or use a smaller tokenizer")
 
 
-WORKDIR_FILE = "tokenizer.model"
+def files(tokenizer: Tokenizer) -> dict[str, bytes]:
+  """{file name: contents} that reproduce the tokenizer (kept in workdirs and prepared folders;
+  the first is the one to name as data.tokenizer). None for bytes."""
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    return {"tokenizer.model": tokenizer.model_proto}
+  if isinstance(tokenizer, HFTokenizer):
+    out = {"tokenizer.json": tokenizer.json_bytes}
+    if tokenizer.sidecar_bytes is not None:
+      out[HFTokenizer.SIDECAR] = tokenizer.sidecar_bytes
+    return out
+  return {}
+
+
+KINDS = {ByteTokenizer: "byte", SentencePieceTokenizer: "sentencepiece", HFTokenizer: "hf"}
 
 
 def fingerprint(tokenizer: Tokenizer, name: str = "") -> dict:
-  """JSON naming a tokenizer exactly: kind, vocab_size, sha256 of the model (None for bytes)."""
-  if isinstance(tokenizer, ByteTokenizer):
-    return {"kind": "byte", "name": name or "byte", "vocab_size": tokenizer.vocab_size,
-            "sha256": None, "file": None}
-  return {"kind": "sentencepiece", "name": name or tokenizer.path,
-          "vocab_size": tokenizer.vocab_size,
-          "sha256": hashlib.sha256(tokenizer.model_proto).hexdigest(), "file": WORKDIR_FILE}
+  """JSON naming a tokenizer exactly: kind, vocab_size, sha256 of its files in order (None for
+  bytes), and the file to name as data.tokenizer when resuming from a workdir's copy."""
+  contents = files(tokenizer)
+  sha = hashlib.sha256(b"".join(contents.values())).hexdigest() if contents else None
+  return {"kind": KINDS[type(tokenizer)], "name": name or getattr(tokenizer, "path", "byte"),
+          "vocab_size": tokenizer.vocab_size, "sha256": sha,
+          "file": next(iter(contents), None)}
 
 
 def describe(fp: dict) -> str:
@@ -161,19 +257,30 @@ def _has_checkpoints(workdir) -> bool:
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
+WORKDIR_FILES = ("tokenizer.model", "tokenizer.json", HFTokenizer.SIDECAR)
+
+
 def store_tokenizer(tokenizer: Tokenizer, name: str, workdir: str, write: bool) -> None:
-  """Keeps the run's SentencePiece model as WORKDIR/tokenizer.model (written when `write`, on one
-  process, atomically). Once checkpoints exist the file belongs to them: another tokenizer is
-  then an error, and the file is never replaced. Before that, it is simply replaced."""
+  """Keeps the run's tokenizer files in the workdir (WORKDIR/tokenizer.model, or tokenizer.json
+  and tokenizer_config.json; written when `write`, on one process, each atomically). Once
+  checkpoints exist the files belong to them: another tokenizer is then an error, and they are
+  never replaced. Before that, they are simply replaced."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
-  path = workdir / WORKDIR_FILE
   ours = fingerprint(tokenizer, name)
-  stored_sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+  stored = {f: (workdir / f).read_bytes() for f in WORKDIR_FILES if (workdir / f).exists()}
+  stored_kind = next((f for f in stored if f != HFTokenizer.SIDECAR), None)
+  if stored_kind is not None:  # the same files in the same order as fingerprint() hashes them
+    stored_files = [stored_kind] + ([HFTokenizer.SIDECAR] if stored_kind == "tokenizer.json"
+                                    and HFTokenizer.SIDECAR in stored else [])
+    stored_sha = hashlib.sha256(b"".join(stored[f] for f in stored_files)).hexdigest()
+  else:
+    stored_sha = None
   if stored_sha == ours["sha256"]:
     return
   if _has_checkpoints(workdir):
     if stored_sha is not None:
+      path = workdir / stored_kind
       raise ValueError(
           f"data.tokenizer={name!r} ({describe(ours)}) is not the tokenizer of this workdir's "
           f"checkpoints, {path} (sha256 {stored_sha[:12]}): use --config.data.tokenizer={path}, "
@@ -181,10 +288,10 @@ def store_tokenizer(tokenizer: Tokenizer, name: str, workdir: str, write: bool) 
     return  # an older run without the file: the checkpoints' metadata still has the sha256
   if not write:
     return
-  if ours["kind"] == "byte":
-    path.unlink(missing_ok=True)  # left by a run that never checkpointed
-    return
+  for f in stored:  # another tokenizer's files, left by a run that never checkpointed
+    (workdir / f).unlink(missing_ok=True)
   workdir.mkdir(parents=True, exist_ok=True)
-  partial = workdir / f".{WORKDIR_FILE}.partial"
-  partial.write_bytes(tokenizer.model_proto)
-  partial.replace(path)  # atomic, and replaces a file no checkpoint depends on
+  for f, contents in files(tokenizer).items():
+    partial = workdir / f".{f}.partial"
+    partial.write_bytes(contents)
+    partial.replace(workdir / f)  # atomic, and replaces a file no checkpoint depends on
