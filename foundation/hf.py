@@ -20,8 +20,8 @@ q_proj [N*H, D] -> attn/q/kernel [D, N, H], o_proj [D, N*H] -> attn/o/kernel [N,
 rotary uses the same rotate-half pairing as ours (foundation/models/layers.py), so q/k need no
 permutation. With scan_layers the layers are stacked on a leading axis.
 
-(Past 600 lines on purpose: reading, writing and the workdir commands all share the one `Mapping`
-table; split apart, each would need the others' internals.)
+The tokenizer.json reader is foundation/data/tokenizers.py's HFTokenizer: the data pipeline, the
+generator and the evaluator all use it through `data.tokenizer`.
 """
 
 import dataclasses
