@@ -24,7 +24,7 @@ from foundation import step as step_lib
 from foundation import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 60
+STEPS = 40
 OVERRIDES = {"steps": STEPS, "optim.decay_steps": STEPS, "checkpoint.every": 8, "eval.every": 0,
              "log.every": 1, "log.generate_tokens": 0}
 
@@ -243,14 +243,17 @@ def start_two(workdir, port, **overrides) -> list[subprocess.Popen]:
       "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}, **overrides) for i in range(2)]
 
 
+TWO_STEPS = 16  # a step with two processes over gloo takes ~0.45 s here
+
+
 def test_two_processes_stop_at_the_same_step_when_one_is_preempted(tmp_path):
   reference = tmp_path / "reference"
-  results = [finish(p) for p in start_two(reference, free_port(), steps=40)]
+  results = [finish(p) for p in start_two(reference, free_port(), steps=TWO_STEPS)]
   assert [r[0] for r in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
 
   workdir = tmp_path / "preempted"
-  processes = start_two(workdir, free_port(), steps=40)
-  wait_for_step(workdir, 9, processes[0])
+  processes = start_two(workdir, free_port(), steps=TWO_STEPS)
+  wait_for_step(workdir, 5, processes[0])
   processes[1].send_signal(signal.SIGTERM)  # only the second host gets the notice
   results = [finish(p) for p in processes]
   assert [r[0] for r in results] == [75, 75], results[0][2][-2000:] + results[1][2][-2000:]
@@ -260,10 +263,10 @@ def test_two_processes_stop_at_the_same_step_when_one_is_preempted(tmp_path):
   assert any(n.startswith("process_0of2") for n in data_files)
   assert any(n.startswith("process_1of2") for n in data_files)
 
-  results = [finish(p) for p in start_two(workdir, free_port(), steps=40)]
+  results = [finish(p) for p in start_two(workdir, free_port(), steps=TWO_STEPS)]
   assert [r[0] for r in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
   assert f"resumed from the checkpoint at step {stopped}" in results[0][1]
-  assert_same_losses(workdir, losses(reference), steps=range(1, 41))
+  assert_same_losses(workdir, losses(reference), steps=range(1, TWO_STEPS + 1))
 
 
 def test_plain_orbax_reads_a_checkpoint_without_the_project(tmp_path):

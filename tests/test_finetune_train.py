@@ -92,6 +92,20 @@ def test_lora_trains_only_the_adapters(pretrained, chat_file, tmp_path, capsys):
     np.testing.assert_array_equal(tuned[key], value, err_msg=key)
   assert any(np.abs(tuned[k]).max() > 0 for k in adapters if k.endswith("lora_b"))
 
+  # Exported to Hugging Face safetensors, the adapters are merged into the kernels: imported
+  # back as a plain model (no adapters), it computes the adapted model's logits.
+  from foundation import generate, hf  # pylint: disable=g-import-not-at-top
+  hf.export_checkpoint(workdir, str(tmp_path / "hf"))
+  merged = hf.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "merged"), dtype="float32",
+                                params_only=True)
+  adapted, plain = generate.load(workdir), generate.load(merged)
+  assert plain.model.cfg.lora_rank == 0 and not [k for k in flat(plain.params) if "lora_" in k]
+  tokens = np.arange(3, 67, dtype=np.int32)[None]
+  batch = (tokens, np.arange(64, dtype=np.int32)[None], np.ones_like(tokens))
+  np.testing.assert_allclose(
+      np.asarray(plain.model.apply({"params": plain.params}, *batch)),
+      np.asarray(adapted.model.apply({"params": adapted.params}, *batch)), rtol=1e-5, atol=1e-5)
+
 
 def test_a_classification_head_learns_a_labelled_csv(tmp_path):
   rng = np.random.default_rng(0)
