@@ -6,10 +6,10 @@ records -- {"prompt", "response"} or {"messages": [{"role", "content"}, ...]} a 
   python -m foundation.train --config configs/finetune.py:task=sft,base=tiny --workdir runs/sft \
       --config.init_from=runs/tiny --config.sft.train_path=data/chat.jsonl
 
-The same with LoRA adapters (rank 8 on q and v; only the adapters train):
+The same with LoRA adapters (rank 8 on every projection; only the adapters train):
   python -m foundation.train --config configs/finetune.py:task=sft,base=tiny,lora \
       --workdir runs/sft_lora --config.init_from=runs/tiny \
-      --config.sft.train_path=data/chat.jsonl --config.model.lora_targets=all
+      --config.sft.train_path=data/chat.jsonl
 
 A classification head on the pooled last token, from a CSV with text,label columns (or JSONL,
 or a prepared TFDS dataset such as 'tfds:imdb_reviews'):
@@ -114,5 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.model.lora_rank = 8
       config.model.lora_alpha = 16.0
       config.model.lora_dropout = 0.05
-      config.model.lora_targets = "q,v"
+      # Every projection, not the LoRA paper's q,v: on the demo (benchmarks/finetune_demo.py)
+      # q,v adapters reach SFT eval loss 0.78, all projections 0.35, full fine-tuning 0.28;
+      # QLoRA (Dettmers et al., 2023) reports adapters on all linear layers are needed to match
+      # full fine-tuning.
+      config.model.lora_targets = "all"
   return config.lock()

@@ -537,8 +537,9 @@ def test_finetune_configs():
   mask = finetune.trainable_mask(init_params(cfg), config)
   trains = {"/".join(str(k.key) for k in p)
             for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
-  assert trains == {"classifier/bias", "classifier/kernel", "layers/attn/q/lora_a",
-                    "layers/attn/q/lora_b", "layers/attn/v/lora_a", "layers/attn/v/lora_b"}
+  projections = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/wi_gate", "mlp/wi_up", "mlp/wo")
+  assert trains == {"classifier/bias", "classifier/kernel"} | {
+      f"layers/{p}/lora_{ab}" for p in projections for ab in "ab"}
   with pytest.raises(ValueError, match="task='chat' is unknown; tasks: sft, classify"):
     finetune_config.get_config("task=chat")
 
