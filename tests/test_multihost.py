@@ -28,6 +28,15 @@ def write_corpus(folder) -> str:
   return os.path.join(folder, "*.txt")
 
 
+def records(workdir, split: str) -> dict[int, dict]:
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    record = json.loads(line)
+    if record.pop("split") == split:
+      out[record["step"]] = record
+  return out
+
+
 def losses(workdir: str, split: str = "train") -> dict[int, float]:
   out = {}
   for line in open(os.path.join(workdir, "metrics.jsonl")):
@@ -37,8 +46,8 @@ def losses(workdir: str, split: str = "train") -> dict[int, float]:
   return out
 
 
-def run_two_processes(workdir: str, corpus: str, steps: int):
-  overrides = {**OVERRIDES, "steps": steps, "data.source": f"files:{corpus}"}
+def run_two_processes(workdir: str, corpus: str, steps: int, **extra):
+  overrides = {**OVERRIDES, "steps": steps, "data.source": f"files:{corpus}", **extra}
   args = [f"--config.{k}={v}" for k, v in overrides.items()]
   result = subprocess.run(
       ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "--",
@@ -50,26 +59,50 @@ def run_two_processes(workdir: str, corpus: str, steps: int):
   return result.stdout
 
 
-def one_process_config(corpus: str, steps: int):
+def one_process_config(corpus: str, steps: int, **extra):
   config = lm.get_config("size=test")
   with config.unlocked():
-    for dotted, value in {**OVERRIDES, "steps": steps, "data.source": f"files:{corpus}"}.items():
+    for dotted, value in {**OVERRIDES, "steps": steps, "data.source": f"files:{corpus}",
+                          **extra}.items():
       group, _, key = dotted.rpartition(".")
       (config[group] if group else config)[key] = value
   return config
 
 
+def write_tasks(folder) -> str:
+  """evaluate.tasks: the trainer's periodic evaluators, a multiple-choice and a generation file."""
+  quiz, pairs = os.path.join(folder, "quiz.jsonl"), os.path.join(folder, "pairs.jsonl")
+  with open(quiz, "w") as f:
+    for i in range(5):
+      f.write(json.dumps({"context": f"def f{i}(x):", "choices": [" return x", " import", " )"],
+                          "answer": 0}) + "\n")
+  with open(pairs, "w") as f:
+    for i in range(3):
+      f.write(json.dumps({"source": f"for x{i} in", "target": " range"}) + "\n")
+  return f"perplexity,mc:{quiz},gen:{pairs}"
+
+
 def test_two_processes_match_one_process(tmp_path):
   corpus = write_corpus(tmp_path / "corpus")
-  out = run_two_processes(str(tmp_path / "two"), corpus, steps=6)
+  tasks = {"evaluate.every": 3, "evaluate.tasks": write_tasks(tmp_path),
+           "evaluate.max_new_tokens": 4}
+  out = run_two_processes(str(tmp_path / "two"), corpus, steps=6, **tasks)
   assert "2 process(es)" in out and "data=2 (1 in-slice x 2 across)" in out
-  train.train(one_process_config(corpus, 6), str(tmp_path / "one"))
+  train.train(one_process_config(corpus, 6, **tasks), str(tmp_path / "one"))
   two, one = losses(str(tmp_path / "two")), losses(str(tmp_path / "one"))
   assert sorted(two) == sorted(one) == list(range(1, 7))
   np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)],
                              rtol=1e-5)
   np.testing.assert_allclose(list(losses(str(tmp_path / "two"), "eval").values()),
                              list(losses(str(tmp_path / "one"), "eval").values()), rtol=1e-5)
+  # The task evaluators give the same figures on 2 processes as on 1 (steps 0, 3, 6).
+  two_tasks, one_tasks = records(tmp_path / "two", "tasks"), records(tmp_path / "one", "tasks")
+  assert sorted(two_tasks) == sorted(one_tasks) == [0, 3, 6]
+  for step, one_record in one_tasks.items():
+    assert set(two_tasks[step]) == set(one_record)
+    assert one_record["mc/quiz/examples"] == 5 and one_record["gen/pairs/examples"] == 3
+    for key, value in one_record.items():
+      np.testing.assert_allclose(two_tasks[step][key], value, rtol=1e-5, err_msg=f"{step} {key}")
   # Every process wrote its own input position into the shared checkpoint.
   data_dir = tmp_path / "two" / "checkpoints" / "6" / "data"
   names = sorted(os.listdir(data_dir))

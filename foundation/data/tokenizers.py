@@ -50,15 +50,46 @@ class ByteTokenizer:
     return tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32) + BYTE_OFFSET
 
 
-class SentencePieceTokenizer:
+class InGraphEncoding:
+  """tf_encode / tf_encode_batch for a tokenizer that encodes in Python (`encode`, `encode_texts`):
+  inside tf.data they run through tf.py_function (so an iterator holding one is checkpointed with
+  its external state declared ignorable: encoding is a pure function)."""
+
+  has_external_state = True
+
+  def _encode_bytes(self, text):
+    ids = self.encode(text.numpy().decode("utf-8", errors="replace"))
+    # An array, not a list: py_function would read an empty list as "no outputs".
+    return np.asarray(ids, dtype=np.int32)
+
+  def tf_encode(self, text):
+    """tf.string scalar -> int32 [n], through tf.py_function."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    ids = tf.py_function(self._encode_bytes, [text], tf.int32)
+    ids.set_shape([None])
+    return ids
+
+  def _encode_batch(self, texts):
+    pieces = self.encode_texts([t.decode("utf-8", errors="replace") for t in texts.numpy()])
+    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    flat = np.fromiter((i for p in pieces for i in p), np.int32, int(lengths.sum()))
+    return flat, lengths
+
+  def tf_encode_batch(self, texts):
+    """tf.string [n] -> int32 RaggedTensor [n, None]: one tf.py_function call for n documents."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    flat, lengths = tf.py_function(self._encode_batch, [texts], [tf.int32, tf.int64])
+    return tf.RaggedTensor.from_row_lengths(tf.ensure_shape(flat, [None]),
+                                            tf.ensure_shape(lengths, [None]))
+
+
+class SentencePieceTokenizer(InGraphEncoding):
   """A SentencePiece model trained by `python -m foundation.tokenizer` (pad=0, bos=1, eos=2, unk=3).
 
   Inside tf.data it runs through `tf.py_function`: tensorflow-text's in-graph SentencePiece op
   requires the full `tensorflow` package (we install tensorflow-cpu). The pipeline therefore
   declares the py_function's state ignorable when checkpointing (encoding is a pure function).
   """
-
-  has_external_state = True
 
   def __init__(self, model_proto: bytes, path: str = ""):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -84,40 +115,17 @@ class SentencePieceTokenizer:
     # Decoding to pieces then bytes never raises, unlike decode_ids on a broken byte sequence.
     return self._sp.decode_ids(keep) if keep else ""
 
-  def _encode_bytes(self, text):
-    ids = self._sp.encode(text.numpy().decode("utf-8", errors="replace"))
-    # An array, not a list: py_function would read an empty list as "no outputs".
-    return np.asarray(ids, dtype=np.int32)
-
-  def tf_encode(self, text):
-    """tf.string scalar -> int32 [num_pieces], through tf.py_function."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    ids = tf.py_function(self._encode_bytes, [text], tf.int32)
-    ids.set_shape([None])
-    return ids
-
-  def _encode_batch(self, texts):
-    pieces = self._sp.encode([t.decode("utf-8", errors="replace") for t in texts.numpy()])
-    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
-    flat = np.fromiter((i for p in pieces for i in p), np.int32, int(lengths.sum()))
-    return flat, lengths
-
-  def tf_encode_batch(self, texts):
-    """tf.string [n] -> int32 RaggedTensor [n, None]: one tf.py_function call for n documents."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    flat, lengths = tf.py_function(self._encode_batch, [texts], [tf.int32, tf.int64])
-    return tf.RaggedTensor.from_row_lengths(tf.ensure_shape(flat, [None]),
-                                            tf.ensure_shape(lengths, [None]))
+  def encode_texts(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts)
 
 
-class HFTokenizer:
+class HFTokenizer(InGraphEncoding):
   """A Hugging Face tokenizer.json (the `tokenizers` package) behind foundation's tokenizer API.
 
   `encode` adds no special tokens (packing adds BOS/EOS, as for the others); `decode` drops them.
   The special ids are the file's own: bos/eos/pad named by tokenizer_config.json beside it, else the
   usual token names; without a BOS token (Qwen2) EOS stands in for it, without a pad token EOS.
   """
-  has_external_state = True  # tf_encode runs in a tf.py_function, like SentencePiece
   NAMES = {"bos": ("<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"),
            "eos": ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>"),
            "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")}
@@ -162,29 +170,9 @@ class HFTokenizer:
     keep = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
     return self._tok.decode(keep, skip_special_tokens=True)
 
-  def _encode_bytes(self, text):
-    return np.asarray(self.encode(text.numpy().decode("utf-8", errors="replace")), np.int32)
-
-  def tf_encode(self, text):
-    """tf.string scalar -> int32 [n], through tf.py_function."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    ids = tf.py_function(self._encode_bytes, [text], tf.int32)
-    ids.set_shape([None])
-    return ids
-
-  def _encode_batch(self, texts):
-    pieces = [e.ids for e in self._tok.encode_batch(
-        [t.decode("utf-8", errors="replace") for t in texts.numpy()], add_special_tokens=False)]
-    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
-    flat = np.fromiter((i for p in pieces for i in p), np.int32, int(lengths.sum()))
-    return flat, lengths
-
-  def tf_encode_batch(self, texts):
-    """tf.string [n] -> int32 RaggedTensor [n, None]: one batched (multi-threaded) encode call."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    flat, lengths = tf.py_function(self._encode_batch, [texts], [tf.int32, tf.int64])
-    return tf.RaggedTensor.from_row_lengths(tf.ensure_shape(flat, [None]),
-                                            tf.ensure_shape(lengths, [None]))
+  def encode_texts(self, texts: list[str]) -> list[list[int]]:
+    """Batched, on the tokenizers package's threads."""
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
 
 Tokenizer = ByteTokenizer | SentencePieceTokenizer | HFTokenizer
