@@ -91,8 +91,10 @@ def data_config() -> ml_collections.ConfigDict:
       file_format="auto",
       text_feature="text",    # the TFDS feature, JSONL field or TFRecord bytes feature of the text
       invalid_utf8="fail",    # a document that is not UTF-8: 'fail' (name it) or 'skip' (print it)
-      eval_fraction=0.02,     # for file sources: share of files held out for eval (by name hash)
-      tokenizer="byte",       # 'byte' or the path of a SentencePiece .model file
+      # For file sources: the share of files held out for eval (by name hash); a single JSONL or
+      # TFRecord file holds out this share of its documents instead (by text hash).
+      eval_fraction=0.02,
+      tokenizer="byte",       # 'byte', a SentencePiece .model file or an HF tokenizer.json
       shuffle_buffer=1024,    # packed rows
       prefetch=2,
   ))

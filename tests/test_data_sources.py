@@ -137,3 +137,37 @@ def test_eval_rows_are_the_same_whatever_the_host_count(tmp_path):
   tok = data.make_tokenizer("byte")
   expected = sum(len(tok.encode(open(p).read())) + 1 for p in held_out)
   assert mask.sum() == expected  # every eval token counted exactly once
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tfrecord"])
+def test_a_single_file_holds_out_documents_for_eval(fmt, tmp_path):
+  """One JSONL/TFRecord file and eval_fraction > 0: its documents are split by text hash into
+  disjoint train and eval sets that together are the whole file; the trainer's batches follow."""
+  texts = docs(200)
+  path = tmp_path / f"all.{fmt}"
+  if fmt == "jsonl":
+    write_jsonl(path, [{"text": t} for t in texts])
+  else:
+    write_tfrecord(path, texts)
+  config = make_config(f"files:{path}", eval_fraction=0.2)
+  source = sources.parse_source(config.data.source)
+
+  def split_texts(split):
+    return [d.decode() for d in
+            data.documents.all_documents(config, source, split).as_numpy_iterator()]
+  train, held_out = split_texts("train"), split_texts("eval")
+  assert sorted(train + held_out) == sorted(texts) and not set(train) & set(held_out)
+  assert 20 <= len(held_out) <= 60  # about 20% of 200
+  eval_batches = data.make_eval_batches(config, 0, 1)  # no longer "the eval split is empty"
+  assert sum(int(b["loss_mask"].sum()) for b in eval_batches) > 0
+  # The eval documents never reach the train iterator.
+  seen = markers(take(data.make_train_iterator(config, 0, 1), 6))
+  held_out_markers = markers([{"inputs": np.frombuffer("".join(held_out).encode(), np.uint8)
+                               .astype(np.int32) + 3}])
+  assert seen and not seen & held_out_markers
+  # A single text file is one document: it cannot be split, and says so.
+  (tmp_path / "one.txt").write_text(texts[0])
+  one_text = make_config(f"files:{tmp_path}/one.txt", eval_fraction=0.2)
+  with pytest.raises(ValueError, match=r"the (train|eval) split is empty \(1 files"):
+    for split in ("train", "eval"):  # the file lands in one split; the other is empty
+      sources.file_split(one_text, split)

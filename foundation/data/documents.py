@@ -174,9 +174,10 @@ def peek_format(config, source: sources.Source, fmt: str, path: str) -> None:
 
 
 def _file_documents(config, source: sources.Source, paths: list[str], shuffle_seed: int | None,
-                    checked: bool = True):
+                    checked: bool = True, split: str = "train"):
   """tf.data of the documents in `paths`; with a seed, file order reshuffled each epoch, endless.
-  Unchecked: {text, valid, where} records, the UTF-8 policy not yet applied."""
+  Unchecked: {text, valid, where} records, the UTF-8 policy not yet applied. A single file split
+  by document (sources.splits_documents) keeps only `split`'s documents."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   fmt = sources.file_format(config, source, paths)
   peek_format(config, source, fmt, paths[0])
@@ -192,6 +193,9 @@ def _file_documents(config, source: sources.Source, paths: list[str], shuffle_se
     docs = _tfrecord_files(ds, field, comp)
   else:
     docs = _text_files(ds)
+  if sources.splits_documents(config, source, paths):
+    fraction = config.data.eval_fraction
+    docs = docs.filter(lambda d: sources.document_in_split(d["text"], split, fraction))
   check_policy(config)
   return _apply_utf8_policy(docs, config.data.invalid_utf8) if checked else docs
 
@@ -254,7 +258,7 @@ def all_documents(config, source: sources.Source, split: str, checked: bool = Tr
     tfds_split = config.data.train_split if split == "train" else config.data.eval_split
     return _tfds_documents(config, source, tfds_split, 0, 1, shuffle=False, checked=checked)
   return _file_documents(config, source, sources.file_split(config, split, source), None,
-                         checked=checked)
+                         checked=checked, split=split)
 
 
 def iterate_train_documents(config, max_docs: int = 0):

@@ -120,13 +120,33 @@ def split_train_eval(root: str, paths: list[str],
   return [p for p in paths if p not in held_out], [p for p in paths if p in held_out]
 
 
+def splits_documents(config, source: Source, paths: list[str]) -> bool:
+  """Whether the source's train/eval split is by document instead of by file: one JSONL or
+  TFRecord file (many documents, no second file to hold out) with data.eval_fraction > 0."""
+  return (len(paths) == 1 and config.data.eval_fraction > 0
+          and file_format(config, source, paths) in ("jsonl", "tfrecord"))
+
+
+def document_in_split(text, split: str, eval_fraction: float):
+  """tf bool: whether a document (tf.string) of a document-split file belongs to `split`: held
+  out for eval when its FarmHash fingerprint falls below eval_fraction (the same on every host
+  and run)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  buckets = 1 << 30
+  held_out = tf.strings.to_hash_bucket_fast(text, buckets) < int(eval_fraction * buckets)
+  return held_out if split == "eval" else tf.logical_not(held_out)
+
+
 def file_split(config, split: str, source: Source | None = None) -> list[str]:
   """The sorted file paths of split 'train' or 'eval' of an 'embedded' or 'files:' source
-  (by default config.data.source)."""
+  (by default config.data.source). A single JSONL/TFRecord file is in both splits: its
+  documents are split instead (splits_documents)."""
   source = source or parse_source(config.data.source)
   root, paths = (embedded_files() if source.kind == "embedded"
                  else glob_files(source.arg, source.where))
   file_format(config, source, paths)  # one format for the whole glob, whichever split is read
+  if splits_documents(config, source, paths):
+    return paths
   train, held_out = split_train_eval(root, paths, config.data.eval_fraction)
   chosen = train if split == "train" else held_out
   if not chosen:
