@@ -28,7 +28,6 @@ workdir); `lora` adds adapters; `quick` shortens the run. init_from='' trains fr
 baseline a fine-tuning run should beat).
 """
 
-import json
 import os
 
 import ml_collections
@@ -72,21 +71,19 @@ def base_config(base: str, quick: bool) -> tuple[ml_collections.ConfigDict, str]
   quick_arg = ",quick" if quick else ""
   if base in lm.SIZES:
     return lm.get_config(f"size={base}{quick_arg}"), ""
-  path = os.path.join(base, "config.json")
-  if not os.path.isfile(path):
+  if not os.path.isfile(os.path.join(base, "config.json")):
     raise ValueError(f"config argument base={base!r} is neither a configs/lm.py size "
                      f"({', '.join(lm.SIZES)}) nor a workdir with a config.json")
-  with open(path) as f:
-    saved = json.load(f)
-  config = lm.get_config(f"size=tiny{quick_arg}")
+  from foundation import generate  # pylint: disable=g-import-not-at-top
+  saved = generate.load_config(base)  # its config.json over today's defaults for its size
+  config = lm.get_config(f"size={saved.size}{quick_arg}")
   with config.unlocked():
-    # The base model's fields; a field it lacks (an older run) keeps the template's value. Its own
-    # adapters or head (a fine-tuned base) are not carried over: this run chooses its own.
-    config.model.update({k: v for k, v in saved["model"].items() if k in config.model and
-                         not k.startswith("lora_") and k != "num_classes"})
-    config.seq_len = min(saved.get("seq_len", config.seq_len), config.model.max_seq_len)
-    config.data.tokenizer = saved.get("data", {}).get("tokenizer", config.data.tokenizer)
-    config.size = f"{saved.get('size', 'custom')} ({base})"
+    # The base model's fields. Its own adapters or head (a fine-tuned base) are not carried over:
+    # this run chooses its own.
+    config.model.update({k: v for k, v in saved.model.items()
+                         if not k.startswith("lora_") and k != "num_classes"})
+    config.seq_len = min(saved.seq_len, config.model.max_seq_len)
+    config.data.tokenizer = saved.data.tokenizer
   return config, base
 
 

@@ -153,5 +153,9 @@ def test_lora_sft_of_an_imported_hugging_face_model_with_its_tokenizer_json(
   assert set(tuned) - {k for k in tuned if "lora_" in k} == set(base)
   for key, value in base.items():  # through export, import and 3 LoRA steps: unchanged
     np.testing.assert_array_equal(tuned[key], value, err_msg=key)
+  # The fine-tuned workdir is one generate (and evaluate, export) can load.
+  from foundation import generate  # pylint: disable=g-import-not-at-top
+  session = generate.load(workdir)
+  assert session.model.cfg.lora_rank == 8 and session.tokenizer.eos_id == 2
   with pytest.raises(ValueError, match=r"base='nowhere' is neither a configs/lm.py size"):
     finetune_configs.get_config("task=sft,base=nowhere")
