@@ -224,11 +224,16 @@ def files(tokenizer: Tokenizer) -> dict[str, bytes]:
 KINDS = {ByteTokenizer: "byte", SentencePieceTokenizer: "sentencepiece", HFTokenizer: "hf"}
 
 
+def _sha256(contents: dict[str, bytes]) -> str:
+  """The sha256 of a tokenizer's files (`files`), in their order."""
+  return hashlib.sha256(b"".join(contents.values())).hexdigest()
+
+
 def fingerprint(tokenizer: Tokenizer, name: str = "") -> dict:
   """JSON naming a tokenizer exactly: kind, vocab_size, sha256 of its files in order (None for
   bytes), and the file to name as data.tokenizer when resuming from a workdir's copy."""
   contents = files(tokenizer)
-  sha = hashlib.sha256(b"".join(contents.values())).hexdigest() if contents else None
+  sha = _sha256(contents) if contents else None
   return {"kind": KINDS[type(tokenizer)], "name": name or getattr(tokenizer, "path", "byte"),
           "vocab_size": tokenizer.vocab_size, "sha256": sha,
           "file": next(iter(contents), None)}
@@ -245,6 +250,7 @@ def _has_checkpoints(workdir) -> bool:
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
+# Every file `files` may write, each tokenizer's in the order `files` gives them.
 WORKDIR_FILES = ("tokenizer.model", "tokenizer.json", HFTokenizer.SIDECAR)
 
 
@@ -256,14 +262,10 @@ def store_tokenizer(tokenizer: Tokenizer, name: str, workdir: str, write: bool) 
   from etils import epath  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   ours = fingerprint(tokenizer, name)
+  # One tokenizer's files at most (a write removes the others first), in `files` order.
   stored = {f: (workdir / f).read_bytes() for f in WORKDIR_FILES if (workdir / f).exists()}
   stored_kind = next((f for f in stored if f != HFTokenizer.SIDECAR), None)
-  if stored_kind is not None:  # the same files in the same order as fingerprint() hashes them
-    stored_files = [stored_kind] + ([HFTokenizer.SIDECAR] if stored_kind == "tokenizer.json"
-                                    and HFTokenizer.SIDECAR in stored else [])
-    stored_sha = hashlib.sha256(b"".join(stored[f] for f in stored_files)).hexdigest()
-  else:
-    stored_sha = None
+  stored_sha = _sha256(stored) if stored_kind is not None else None
   if stored_sha == ours["sha256"]:
     return
   if _has_checkpoints(workdir):
