@@ -66,8 +66,8 @@ def classify_config() -> ml_collections.ConfigDict:
 
 def base_config(base: str, quick: bool) -> tuple[ml_collections.ConfigDict, str]:
   """(configs/lm.py's config for `base`, the init_from it implies). A size name gives that size
-  (init_from left for the command line); a workdir gives configs/lm.py's tiny run with the
-  workdir's model fields, seq_len and tokenizer, and init_from the workdir."""
+  (init_from left for the command line); a workdir gives configs/lm.py's run for the workdir's
+  size with its model fields, seq_len and tokenizer, and init_from the workdir."""
   quick_arg = ",quick" if quick else ""
   if base in lm.SIZES:
     return lm.get_config(f"size={base}{quick_arg}"), ""
