@@ -50,6 +50,7 @@ RUNS = {
 def model_config(size: str) -> ml_collections.ConfigDict:
   d, layers, heads, kv_heads, mlp, vocab, max_len, theta, tied = SIZES[size]
   return ml_collections.ConfigDict(dict(
+      family="decoder",        # the model family (foundation/registry.py): the decoder-only LM
       vocab_size=vocab,
       d_model=d,
       n_layers=layers,

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from foundation import build as build_lib
 from foundation import config as config_lib
 from foundation import mesh as mesh_lib
 from foundation import metrics as metrics_lib
-from foundation import optim
 from foundation import step as step_lib
 from foundation.data import synthetic
 from foundation.models import transformer
@@ -196,24 +196,20 @@ def check_devices(config, devices) -> None:
 
 def device_batches(config, mesh, n: int = N_BATCHES) -> list[dict]:
   """`n` global synthetic batches, already laid out like the trainer's batches."""
-  sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
+  shardings = step_lib.batch_shardings(config, mesh)
   host_batch = config.batch_size // jax.process_count()
   return [mesh_lib.make_global_batch(synthetic.synthetic_batch(
       config.seed, 0, jax.process_index(), i, host_batch, config.seq_len,
-      config.model.vocab_size), sharding) for i in range(n)]
+      config.model.vocab_size), shardings) for i in range(n)]
 
 
 def build_step(config, mesh) -> dict:
   """Model, optimizer, abstract state and shardings, the jitted step and its abstract batch."""
-  model = step_lib.make_model(config)
-  optimizer = optim.make_optimizer(config)
-  abstract_state, shardings = step_lib.state_shardings(model, optimizer, config, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
-  abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
-                                            sharding=batch_sharding) for k in step_lib.BATCH_KEYS}
-  train_step, _ = step_lib.jit_steps(model, optimizer, config, mesh, shardings)
-  return {"model": model, "optimizer": optimizer, "abstract_state": abstract_state,
-          "shardings": shardings, "train_step": train_step, "abstract_batch": abstract_batch}
+  built = build_lib.build(config, mesh=mesh)
+  train_step, _ = built.jit_steps()
+  return {"model": built.model, "optimizer": built.optimizer,
+          "abstract_state": built.abstract_state, "shardings": built.state_shardings,
+          "train_step": train_step, "abstract_batch": built.abstract_batch(), "built": built}
 
 
 def bytes_per_device(abstract_tree) -> int:
@@ -305,8 +301,7 @@ def bench(config, steps: int, warmup: int, measure_ceilings: bool = True,
     refusal = too_big("the compiled step (the compiler's estimate)", estimate or 0, limit)
     if refusal:
       return {**result, "fits": False, "error": refusal}
-    state = step_lib.init_state(built["model"], built["optimizer"], config, mesh,
-                                built["shardings"])
+    state = built["built"].init_state()
     batches = device_batches(config, mesh)
     with step_lib.sharding_context(config, mesh):
       state, synced, pipelined, losses = time_steps(compiled, state, batches, steps, warmup)

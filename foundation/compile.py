@@ -24,11 +24,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from foundation import build as build_lib
 from foundation import config as config_lib
 from foundation import mesh as mesh_lib
-from foundation import optim
-from foundation import step as step_lib
-from foundation.models import transformer
 
 
 GiB = 1024 ** 3
@@ -72,16 +70,10 @@ def bytes_per_device(abstract_tree) -> int:
 def compile_train_step(config, devices):
   """(compiled train step, abstract state, abstract batch, mesh) for `devices`."""
   config_lib.validate(config, devices, process_count=1)
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  model = step_lib.make_model(config)
-  optimizer = optim.make_optimizer(config)
-  abstract_state, shardings = step_lib.state_shardings(model, optimizer, config, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
-  abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32,
-                                            sharding=batch_sharding)
-                    for k in step_lib.BATCH_KEYS}
-  train_step, _ = step_lib.jit_steps(model, optimizer, config, mesh, shardings)
-  with step_lib.sharding_context(config, mesh):
+  built = build_lib.build(config, devices)
+  abstract_state, abstract_batch, mesh = built.abstract_state, built.abstract_batch(), built.mesh
+  train_step, _ = built.jit_steps()
+  with built.context():
     lowered = train_step.lower(abstract_state, abstract_batch)
   try:
     compiled = lowered.compile()
@@ -89,24 +81,25 @@ def compile_train_step(config, devices):
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     # The TPU compiler refuses programs that cannot fit; that is an answer, not a crash.
-    raise DoesNotFit(str(e).splitlines()[0], abstract_state, abstract_batch, mesh) from None
-  return compiled, abstract_state, abstract_batch, mesh
+    raise DoesNotFit(str(e).splitlines()[0], built) from None
+  return compiled, built
 
 
 class DoesNotFit(Exception):
   """The compiler found the step too big for the device memory (its message says by how much)."""
 
-  def __init__(self, message, abstract_state, abstract_batch, mesh):
+  def __init__(self, message, built):
     super().__init__(message)
-    self.abstract_state, self.abstract_batch, self.mesh = abstract_state, abstract_batch, mesh
+    self.built = built
 
 
 def fit_report(config, devices) -> dict:
   """Per-device memory of one train step, and whether it fits the device's memory."""
   try:
-    compiled, abstract_state, abstract_batch, mesh = compile_train_step(config, devices)
+    compiled, built = compile_train_step(config, devices)
   except DoesNotFit as e:
     return _refused_report(config, devices, e)
+  abstract_state, mesh = built.abstract_state, built.mesh
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -116,18 +109,14 @@ def fit_report(config, devices) -> dict:
            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
            + memory.generated_code_size_in_bytes)
   capacity = hbm_bytes(kind)
-  mcfg = transformer.ModelConfig.from_config(config.model)
   return {
-      "size": config.size, "device_kind": kind, "devices": len(devices),
+      **_run_fields(config, built), "device_kind": kind, "devices": len(devices),
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "layout": mesh_lib.describe(mesh, config.mesh),
-      "remat_policy": config.model.remat_policy, "batch_size": config.batch_size,
-      "seq_len": config.seq_len, "grad_accum": config.grad_accum,
-      "params": transformer.count_params(abstract_state["params"]),
       "bytes": {
           "params": bytes_per_device(abstract_state["params"]),
           "optimizer_state": bytes_per_device(abstract_state["opt_state"]),
-          "batch": bytes_per_device(abstract_batch),
+          "batch": bytes_per_device(built.abstract_batch()),
           "temporaries": int(memory.temp_size_in_bytes),
           "arguments": int(memory.argument_size_in_bytes),
           "outputs_not_aliased": int(memory.output_size_in_bytes - memory.alias_size_in_bytes),
@@ -137,29 +126,39 @@ def fit_report(config, devices) -> dict:
       "hbm_bytes": capacity,
       "fits": None if capacity is None else total <= capacity,
       "compiled_flops_per_device": float(cost.get("flops", float("nan"))) if cost else None,
-      "model_flops_per_step": transformer.flops_per_token(mcfg, config.seq_len)
-                              * config.batch_size * config.seq_len,
   }
+
+
+def _run_fields(config, built) -> dict:
+  """What the report says of the run: size, shape of a batch, params, the task's FLOPs."""
+  task = built.task
+  return {"size": config.get("size", config.model.get("family", "?")),
+          "remat_policy": config.model.get("remat_policy", "none"),
+          "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+          # the per-example length the report prints: tokens, patches (1 for plain examples)
+          "seq_len": task.units_per_example(), "unit": task.unit,
+          "params": count_params(built.abstract_state["params"]),
+          "model_flops_per_step": built.flops_per_step()}
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _refused_report(config, devices, refusal: DoesNotFit) -> dict:
   """What is known when the compiler refuses: the state's share, and the compiler's own words."""
-  state = refusal.abstract_state
+  built = refusal.built
+  state = built.abstract_state
   return {
-      "size": config.size, "device_kind": devices[0].device_kind, "devices": len(devices),
-      "mesh": {k: int(v) for k, v in refusal.mesh.shape.items()},
-      "layout": mesh_lib.describe(refusal.mesh, config.mesh),
-      "remat_policy": config.model.remat_policy, "batch_size": config.batch_size,
-      "seq_len": config.seq_len, "grad_accum": config.grad_accum,
-      "params": transformer.count_params(state["params"]),
+      **_run_fields(config, built), "device_kind": devices[0].device_kind,
+      "devices": len(devices),
+      "mesh": {k: int(v) for k, v in built.mesh.shape.items()},
+      "layout": mesh_lib.describe(built.mesh, config.mesh),
       "bytes": {"params": bytes_per_device(state["params"]),
                 "optimizer_state": bytes_per_device(state["opt_state"]),
-                "batch": bytes_per_device(refusal.abstract_batch)},
+                "batch": bytes_per_device(built.abstract_batch())},
       "hbm_bytes": hbm_bytes(devices[0].device_kind), "fits": False,
       "compiler_refused": str(refusal),
-      "model_flops_per_step": transformer.flops_per_token(
-          transformer.ModelConfig.from_config(config.model), config.seq_len)
-                              * config.batch_size * config.seq_len,
   }
 
 
@@ -191,7 +190,7 @@ def format_report(report: dict, topology: str) -> str:
       f"batch {b['batch']:.3f} GiB, activations/temporaries {b['temporaries']:.2f} GiB, "
       f"total {b['total']:.2f} GiB",
       f"FLOPs per step: {report['compiled_flops_per_device']:.3g} per device (compiled), "
-      f"{report['model_flops_per_step']:.3g} in all (PaLM formula)",
+      f"{report['model_flops_per_step']:.3g} in all (the task's formula)",
   ]
   if report["hbm_bytes"]:
     hbm = report["hbm_bytes"] / GiB

@@ -13,16 +13,8 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the numbers."""
 
 
-CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("xla", "cudnn"),
-    "model.remat_policy": ("none", "minimal", "dots", "full"),
-}
-
-POSITIVE = ("steps", "batch_size", "grad_accum", "seq_len", "model.vocab_size", "model.d_model",
-            "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.head_dim",
-            "model.mlp_dim", "model.max_seq_len", "checkpoint.keep", "log.every")
+# Fields every run has, whatever its family and task.
+POSITIVE = ("steps", "batch_size", "grad_accum", "checkpoint.keep", "log.every")
 
 
 def _get(config, dotted: str):
@@ -32,28 +24,31 @@ def _get(config, dotted: str):
   return value
 
 
+def family_and_task(config):
+  """(family class, task object) the config names; an unknown name is a ConfigError."""
+  from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
+  try:
+    return step_lib.family(config), step_lib.make_task(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 def check_values(config) -> None:
-  """Field-by-field checks that need no devices."""
-  for field in POSITIVE:
+  """Field-by-field checks that need no devices: the core's, then the family's and the task's."""
+  family, task = family_and_task(config)
+  for field in POSITIVE + tuple(getattr(family, "POSITIVE", ())):
     if _get(config, field) <= 0:
       raise ConfigError(f"{field} must be positive, got {_get(config, field)}")
-  for field, choices in CHOICES.items():
+  for field, choices in getattr(family, "CHOICES", {}).items():
     if _get(config, field) not in choices:
       raise ConfigError(f"{field}={_get(config, field)!r} is not one of {choices}")
-  m = config.model
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError(
-        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
-        f"grouped-query attention shares each kv head among n_heads / n_kv_heads query heads")
-  if m.head_dim % 2:
-    raise ConfigError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
-  if m.logits_chunk < 0 or (m.logits_chunk and config.seq_len % m.logits_chunk):
-    raise ConfigError(f"model.logits_chunk={m.logits_chunk} must be 0 (off) or divide "
-                      f"seq_len={config.seq_len}")
-  if config.seq_len > m.max_seq_len:
-    raise ConfigError(
-        f"seq_len={config.seq_len} is longer than the model allows: "
-        f"model.max_seq_len={m.max_seq_len}")
+  try:
+    family.check(config)
+    task.check(config)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   o = config.optim
   if o.lr < 0 or o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1:
     raise ConfigError(f"optim.lr={o.lr}, optim.warmup_steps={o.warmup_steps} must be >= 0 and "
@@ -65,30 +60,6 @@ def check_values(config) -> None:
     raise ConfigError(f"checkpoint.every={config.checkpoint.every} must be positive")
   if "guard" in config:
     check_start_and_guard(config)
-  check_finetuning(config)
-
-
-def check_finetuning(config) -> None:
-  """task, LoRA and classifier fields (configs/finetune.py)."""
-  task = config.get("task", "lm")
-  if task not in ("lm", "sft", "classify"):
-    raise ConfigError(f"task={task!r} is not one of ('lm', 'sft', 'classify')")
-  classes = config.model.get("num_classes", 0)
-  if (task == "classify") != (classes > 0):
-    raise ConfigError(f"task={task!r} with model.num_classes={classes}: a classifier needs "
-                      f"task='classify' and model.num_classes > 0, the other tasks 0")
-  if classes and config.get("evaluate") and config.evaluate.every > 0:
-    raise ConfigError(f"evaluate.every={config.evaluate.every}: the task evaluators score a "
-                      f"language model's tokens, and task='classify' trains a classifier; its "
-                      f"accuracy is eval.* (set evaluate.every=0)")
-  if classes and config.grad_accum > 1:
-    raise ConfigError(f"grad_accum={config.grad_accum}: a classifier trains without gradient "
-                      f"accumulation; use grad_accum=1")
-  from foundation.models import transformer  # pylint: disable=g-import-not-at-top
-  try:  # bad lora_* values
-    transformer.ModelConfig.from_config(config.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
 
 
 def check_start_and_guard(config) -> None:
@@ -117,17 +88,6 @@ def inject_nan_steps(config) -> tuple[int, ...]:
   return tuple(int(part) for part in str(text).split(",") if part.strip())
 
 
-# Model sizes split by a logical axis, and the field that sets each.
-SPLIT_SIZES = {
-    "heads": "model.n_heads",
-    "kv_heads": "model.n_kv_heads",
-    "mlp": "model.mlp_dim",
-    "vocab": "model.vocab_size",
-    "embed": "model.d_model",
-    "length": "seq_len",
-}
-
-
 def check_mesh(config, devices, process_count: int) -> None:
   """The mesh fits the devices, and everything the rules split divides evenly over its axes."""
   try:
@@ -154,7 +114,9 @@ def check_mesh(config, devices, process_count: int) -> None:
   if config.batch_size % process_count:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by the number of "
                       f"processes {process_count}")
-  for name, field in SPLIT_SIZES.items():
+  family, task = family_and_task(config)
+  split_sizes = {**getattr(family, "SPLIT_SIZES", {}), **task.split_sizes(config)}
+  for name, field in split_sizes.items():
     ways, text = split(name)
     size = _get(config, field)
     if size % ways:

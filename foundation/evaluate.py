@@ -290,7 +290,7 @@ class Generation:
 
 def make_evaluators(config, model, mesh, tokenizer, eval_config=None) -> list:
   """One evaluator per task of `eval_config` (default: config.evaluate, else its defaults)."""
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from foundation import defaults as common  # pylint: disable=g-import-not-at-top
   if eval_config is None:
     eval_config = config.get("evaluate") or common.evaluate_config()
   runtime = Runtime(model, mesh, mesh_lib.rules(config), tokenizer)
@@ -338,7 +338,7 @@ def _define_flags():
 
 def main(argv):
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from foundation import defaults as common  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a restore at INFO
   if len(argv) > 1:

@@ -143,6 +143,14 @@ def batch_sharding(mesh: Mesh, axis_rules) -> NamedSharding:
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), axis_rules))
 
 
+def batch_shardings(mesh: Mesh, axis_rules, spec: dict) -> dict[str, NamedSharding]:
+  """{key: sharding} of a task's batch: each key's logical axes (its `Field.axes`: tokens
+  ('batch', 'length'), images ('batch', 'height', 'width', 'channels'), labels ('batch',)) mapped
+  by the rules; names without a rule stay whole."""
+  return {k: NamedSharding(mesh, nn.logical_to_mesh_axes(f.axes, axis_rules))
+          for k, f in spec.items()}
+
+
 def data_parallel_degree(mesh: Mesh, axis_rules) -> int:
   """How many ways the batch dimension is split."""
   spec = nn.logical_to_mesh_axes(("batch",), axis_rules)[0]
@@ -154,9 +162,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def make_global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """Assembles each host's numpy part into one global jax.Array per field. `sharding` is the
-  [batch, length] one; per-row fields ([batch]: a classifier's labels) take its batch axes."""
+def make_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict:
+  """Assembles each host's numpy part into one global jax.Array per field.
+
+  sharding: {key: NamedSharding} (`batch_shardings`), or one [batch, length] sharding whose
+  leading axes per-row fields ([batch]: a classifier's labels) take.
+  """
+  if isinstance(sharding, dict):
+    return {k: jax.make_array_from_process_local_data(sharding[k], v)
+            for k, v in local_batch.items()}
   return {k: jax.make_array_from_process_local_data(for_rank(sharding, v.ndim), v)
           for k, v in local_batch.items()}
 

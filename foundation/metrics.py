@@ -38,10 +38,13 @@ def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> flo
 
 
 class Throughput:
-  """Step time, tokens/s and MFU over the steps since the last report."""
+  """Step time, examples/s (and tokens/s or patches/s where the task has them) and MFU over the
+  steps since the last report."""
 
-  def __init__(self, tokens_per_step: int, flops_per_step: float, peak_flops_total: float | None):
-    self.tokens_per_step = tokens_per_step
+  def __init__(self, examples_per_step: int, flops_per_step: float,
+               peak_flops_total: float | None, unit: str = "examples", units_per_example: int = 1):
+    self.examples_per_step = examples_per_step
+    self.unit, self.units_per_example = unit, units_per_example
     self.flops_per_step = flops_per_step
     self.peak_flops_total = peak_flops_total
     self.start(0)
@@ -57,8 +60,10 @@ class Throughput:
     seconds = time.perf_counter() - self.t0
     steps = max(step - self.step0, 1)
     step_time = seconds / steps
-    out = {"step_time": step_time, "tokens_per_sec": self.tokens_per_step / step_time,
-           "tflops_per_device": self.flops_per_step / step_time / jax.device_count() / 1e12}
+    out = {"step_time": step_time, "examples_per_sec": self.examples_per_step / step_time}
+    if self.unit != "examples":
+      out[f"{self.unit}_per_sec"] = self.examples_per_step * self.units_per_example / step_time
+    out["tflops_per_device"] = self.flops_per_step / step_time / jax.device_count() / 1e12
     if self.peak_flops_total:
       out["mfu"] = self.flops_per_step / step_time / self.peak_flops_total
     self.start(step)
@@ -69,7 +74,7 @@ def format_metrics(metrics: dict) -> str:
   parts = []
   for key, value in metrics.items():
     if isinstance(value, float):
-      value = (f"{value:.3e}" if key == "lr" else f"{value:,.0f}" if key == "tokens_per_sec"
+      value = (f"{value:.3e}" if key == "lr" else f"{value:,.0f}" if key.endswith("_per_sec")
                else f"{value:.1%}" if key == "mfu" else f"{value:.4g}")
     parts.append(f"{key} {value}")
   return "  ".join(parts)
@@ -119,8 +124,9 @@ class Reporter:
     line = f"{prefix} step {step:>6}  {format_metrics(metrics)}"
     self.print(line)
     if prefix == "train":
-      self.advance(step, format_metrics({k: metrics[k] for k in ("loss", "tokens_per_sec")
-                                         if k in metrics}))
+      rate = next((k for k in metrics if k.endswith("_per_sec") and k != "examples_per_sec"),
+                  "examples_per_sec")
+      self.advance(step, format_metrics({k: metrics[k] for k in ("loss", rate) if k in metrics}))
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:

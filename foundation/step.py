@@ -20,24 +20,31 @@ from foundation import config as config_lib
 from foundation import finetune
 from foundation import mesh as mesh_lib
 from foundation import optim
-from foundation.models import transformer
+from foundation import registry
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-# A classifier's batches (config.model.num_classes > 0): one example per row, a label per row.
-CLASSIFY_KEYS = ("inputs", "segment_ids", "positions", "labels", "last_index", "label_mask")
-
-
-def is_classifier(config) -> bool:
-  return config.model.get("num_classes", 0) > 0
+def family(config):
+  """The model family `config.model.family` names (registry; 'decoder' for configs before it)."""
+  return registry.get("family", config.model.get("family", "decoder"), field="model.family")
 
 
-def make_model(config) -> transformer.Transformer:
-  return transformer.Transformer(transformer.ModelConfig.from_config(config.model))
+def make_task(config):
+  """The task `config.task` names (registry), built from the config."""
+  return registry.get("task", config.get("task", "lm"), field="task")(config)
+
+
+def make_model(config):
+  return family(config).make_model(config)
+
+
+def has_frozen_params(config) -> bool:
+  """Whether some params do not train (LoRA's frozen base)."""
+  return config.model.get("lora_rank", 0) > 0
 
 
 def _dummy_inputs(config, batch: int = 1):
-  tokens = jnp.zeros((batch, config.seq_len), jnp.int32)
-  return tokens, tokens, jnp.ones_like(tokens)  # tokens, positions, segment_ids
+  """The model's init arguments: the task's dummy batch (zeros; init never reads the values)."""
+  task = make_task(config)
+  return task.model_args(task.dummy_batch(batch))
 
 
 def initial_guard() -> dict:
@@ -79,65 +86,17 @@ def init_state(model, optimizer, config, mesh: Mesh, shardings):
     return init(jax.random.key(config.seed))
 
 
-def cross_entropy_sums(logits, targets, loss_mask):
-  """Token cross-entropy and log(Z)^2 (the PaLM z-loss term), summed over loss_mask.
-
-  logits: [B, L, V] (computed in float32 here); targets, loss_mask: int [B, L].
-  Returns float32 scalars (ce_sum, z_sum). Sums, not means, so that micro-batches, chunks and
-  hosts add up exactly; divide by the token count once.
-  """
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return ((log_z - target_logit) * mask).sum(), (jnp.square(log_z) * mask).sum()
-
-
-def loss_sums(model, params, batch, chunk: int = 0, rngs=None):
-  """(ce_sum, z_sum) of the model on one batch.
-
-  chunk > 0: the logits are made `chunk` positions at a time inside a rematerialised scan, so the
-  float32 [batch, seq, vocab] tensor never exists whole, forward or backward; only [batch, chunk,
-  vocab] does. Same numbers, less memory, a second output matmul in the backward pass.
-  """
-  args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-  # rngs: {'dropout': key} when LoRA dropout trains; otherwise the model is deterministic.
-  dropout = {"deterministic": False, "rngs": rngs} if rngs else {}
-  if not chunk or chunk >= batch["inputs"].shape[1]:
-    logits = model.apply({"params": params}, *args, **dropout)
-    return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-  hidden = model.apply({"params": params}, *args, return_hidden=True, **dropout)
-
-  def by_chunk(x):  # [B, L, ...] -> [L / chunk, B, chunk, ...]
-    x = x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None, "batch", "length", "act_embed")[:x.ndim])
-
-  @jax.checkpoint
-  def chunk_sums(hidden_chunk, targets, loss_mask):
-    logits = nn.with_logical_constraint(
-        transformer.output_logits(model.cfg, params, hidden_chunk), ("batch", "length", "act_vocab"))
-    return cross_entropy_sums(logits, targets, loss_mask)
-
-  def add_chunk(sums, chunk_inputs):
-    ce, z = chunk_sums(*chunk_inputs)
-    return (sums[0] + ce, sums[1] + z), None
-
-  chunks = (by_chunk(hidden), by_chunk(batch["targets"]), by_chunk(batch["loss_mask"]))
-  sums, _ = jax.lax.scan(add_chunk, (jnp.float32(0), jnp.float32(0)), chunks)
-  return sums
-
-
-def split_micro_batches(batch, n: int):
+def split_micro_batches(batch, n: int, spec: dict):
   """[B, ...] arrays -> [n, B / n, ...] without moving data between devices.
 
   Row r goes to micro-batch r % n: every device's contiguous block of rows holds an equal share of
   each micro-batch, so the split keeps the batch sharding (the rows' order within the summed
-  gradient does not matter).
+  gradient does not matter). `spec`: the task's batch spec (each key's logical axes).
   """
-  def split(x):
+  def split(key, x):
     x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None, "batch", "length"))
-  return jax.tree.map(split, batch)
+    return nn.with_logical_constraint(x, (None, *spec[key].axes))
+  return {k: split(k, v) for k, v in batch.items()}
 
 
 SPIKE_MEAN_DECAY = 0.99  # the running loss mean of the spike guard spans about 100 steps
@@ -162,102 +121,102 @@ def guard_update(guard: dict, loss, grad_norm, config):
               "skipped_in_a_row": (guard["skipped_in_a_row"] + 1) * bad}
 
 
-def make_train_step(model, optimizer, config):
+def make_train_step(model, optimizer, config, task=None):
   """step(state, batch) -> (state, metrics); pure, to be jitted with shardings.
 
+  The task gives the loss as sums (`task.loss_sums`), what is differentiated (`task.objective`)
+  and what the sums are divided by (`task.count`: tokens or rows, over the whole batch).
   With config.grad_accum = n > 1 the batch is processed as n micro-batches in a lax.scan, the
-  gradients summed: the same update as one step on the whole batch, with 1/n of the activations.
-  A step with non-finite loss or gradients (or a loss spike, when guarded) leaves params and
-  optimizer state exactly as they were; metrics['skipped'] says so.
+  gradients and sums added: the same update as one step on the whole batch, with 1/n of the
+  activations. A step with non-finite loss or gradients (or a loss spike, when guarded) leaves
+  params and optimizer state exactly as they were; metrics['skipped'] says so.
   """
+  task = task or make_task(config)
   schedule = optim.learning_rate_schedule(config)
-  z_weight = config.optim.z_loss
   nan_steps = jnp.asarray(config_lib.inject_nan_steps(config), jnp.int32)
+  frozen = has_frozen_params(config)
 
-  classifier = is_classifier(config)
-
-  def scaled_loss(params, batch, n_tokens, rngs):
-    if classifier:  # cross-entropy over the classes of each row's last token
-      sums = finetune.classify_loss_sums(model, params, batch, deterministic=not rngs, rngs=rngs)
-      return sums["ce_sum"] / n_tokens, (sums["ce_sum"], jnp.float32(0))
-    ce_sum, z_sum = loss_sums(model, params, batch, config.model.logits_chunk, rngs)
-    return (ce_sum + z_weight * z_sum) / n_tokens, (ce_sum, z_sum)
+  def scaled_loss(params, batch, count, rngs):
+    sums = task.loss_sums(model, params, batch, rngs)
+    return task.objective(sums) / count, sums
 
   grad_fn = jax.grad(scaled_loss, has_aux=True)
 
-  def accumulated_grads(params, batch, n_tokens, rngs):
-    def add_micro(carry, micro):
-      grads, ce_sum, z_sum = carry
-      g, (ce, z) = grad_fn(params, micro, n_tokens, rngs)
-      return (jax.tree.map(jnp.add, grads, g), ce_sum + ce, z_sum + z), None
+  def accumulated_grads(params, batch, count, rngs):
+    micro_batches = split_micro_batches(batch, config.grad_accum, task.batch_spec())
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, ce_sum, z_sum), _ = jax.lax.scan(
-        add_micro, (zeros, jnp.float32(0), jnp.float32(0)),
-        split_micro_batches(batch, config.grad_accum))
-    return grads, (ce_sum, z_sum)
+    def add_micro(carry, micro):
+      g, sums = grad_fn(params, micro, count, rngs)
+      return jax.tree.map(jnp.add, carry, (g, sums)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, params, first, count, rngs))
+    (grads, sums), _ = jax.lax.scan(add_micro, zeros, micro_batches)
+    return grads, sums
 
   def train_step(state, batch):
-    weights = batch["label_mask"] if classifier else batch["loss_mask"]
-    n_tokens = jnp.maximum(weights.sum().astype(jnp.float32), 1.0)
-    rngs = finetune.dropout_rngs(config, state["step"])
+    count = task.count(batch)
+    rngs = finetune.dropout_rngs(config, state["step"]) if frozen else {}
     if config.grad_accum > 1:
-      grads, (ce_sum, z_sum) = accumulated_grads(state["params"], batch, n_tokens, rngs)
+      grads, sums = accumulated_grads(state["params"], batch, count, rngs)
     else:
-      grads, (ce_sum, z_sum) = grad_fn(state["params"], batch, n_tokens, rngs)
-    # Frozen params (LoRA's base) get no update; their gradients do not count in the norm.
-    grads = finetune.masked_grads(grads, finetune.trainable_mask(state["params"], config))
+      grads, sums = grad_fn(state["params"], batch, count, rngs)
+    if frozen:  # LoRA's base gets no update; its gradients do not count in the norm
+      mask = finetune.trainable_mask(state["params"], config)
+      grads = finetune.masked_grads(grads, mask)
     if nan_steps.size:  # fault injection: this step's gradients become NaN
       poisoned = jnp.isin(state["step"] + 1, nan_steps)
       grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
-    loss, grad_norm = ce_sum / n_tokens, optax.tree.norm(grads)
+    task_metrics = task.train_metrics(sums, count)
+    loss, grad_norm = task_metrics["loss"], optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    mask = finetune.trainable_mask(state["params"], config)  # frozen leaves: the same bits
-    params = jax.tree.map(lambda new, old, m: new if m else old, params, state["params"], mask)
+    if frozen:  # frozen leaves: the same bits
+      params = jax.tree.map(lambda new, old, m: new if m else old, params, state["params"], mask)
     apply, guard = guard_update(state["guard"], loss, grad_norm, config)
     keep_if_bad = lambda new, old: jnp.where(apply, new, old)
     params = jax.tree.map(keep_if_bad, params, state["params"])
     opt_state = jax.tree.map(keep_if_bad, opt_state, state["opt_state"])
     metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "lr": schedule(state["step"]), "skipped": guard["skipped"],
-               "skipped_in_a_row": guard["skipped_in_a_row"]}
-    if z_weight:
-      metrics["z_loss"] = z_weight * z_sum / n_tokens
+               "skipped_in_a_row": guard["skipped_in_a_row"],
+               **{k: v for k, v in task_metrics.items() if k != "loss"}}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
             "guard": guard}, metrics
 
   return train_step
 
 
-def make_eval_step(model, config):
-  """eval_step(params, batch) -> {'loss_sum', 'tokens'}: sums, so hosts and batches add up exactly."""
+def make_eval_step(model, config, task=None):
+  """eval_step(params, batch) -> the task's eval sums (with 'count'): hosts and batches add up."""
+  task = task or make_task(config)
 
   def eval_step(params, batch):
-    if is_classifier(config):  # 'tokens' counts rows here: the loss is per example
-      sums = finetune.classify_loss_sums(model, params, batch)
-      return {"loss_sum": sums["ce_sum"], "tokens": sums["count"], "correct": sums["correct"]}
-    ce_sum, _ = loss_sums(model, params, batch, config.model.logits_chunk)
-    return {"loss_sum": ce_sum, "tokens": batch["loss_mask"].sum()}
+    return task.eval_sums(model, params, batch)
 
   return eval_step
 
 
-def jit_steps(model, optimizer, config, mesh: Mesh, shardings):
+def batch_shardings(config, mesh: Mesh, task=None) -> dict:
+  """{key: NamedSharding} of the task's batch, from each key's logical axes and the rules."""
+  task = task or make_task(config)
+  return mesh_lib.batch_shardings(mesh, mesh_lib.rules(config), task.batch_spec())
+
+
+def jit_steps(model, optimizer, config, mesh: Mesh, shardings, task=None):
   """The train step (state donated) and eval step, jitted with explicit in/out shardings."""
-  batch_sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
-  per_row = ("labels", "last_index", "label_mask")
-  batch_shardings = {k: mesh_lib.for_rank(batch_sharding, 1 if k in per_row else 2)
-                     for k in (CLASSIFY_KEYS if is_classifier(config) else BATCH_KEYS)}
+  task = task or make_task(config)
+  batch = batch_shardings(config, mesh, task)
   replicated = mesh_lib.replicated(mesh)
   train_step = jax.jit(
-      make_train_step(model, optimizer, config),
-      in_shardings=(shardings, batch_shardings),
+      make_train_step(model, optimizer, config, task),
+      in_shardings=(shardings, batch),
       out_shardings=(shardings, replicated),
       donate_argnums=0)
   eval_step = jax.jit(
-      make_eval_step(model, config),
-      in_shardings=(shardings["params"], batch_shardings),
+      make_eval_step(model, config, task),
+      in_shardings=(shardings["params"], batch),
       out_shardings=replicated)
   return train_step, eval_step
 

@@ -20,6 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from foundation import build as build_lib
 from foundation import checkpoint
 from foundation import config as config_lib
 from foundation import data
@@ -28,46 +29,29 @@ from foundation import finetune
 from foundation import generate
 from foundation import mesh as mesh_lib
 from foundation import metrics as metrics_lib
-from foundation import optim
 from foundation import preemption as preemption_lib
+from foundation import registry
 from foundation import step as step_lib
-from foundation.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and metrics.")
 
 
-def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict:
-  """Held-out loss and perplexity (a classifier: loss and accuracy) over the fixed eval batches
-  (sums first: exact over hosts)."""
+def evaluate(eval_step, params, eval_batches, built) -> dict:
+  """The task's held-out metrics (loss and perplexity; a classifier: loss and accuracy) over the
+  fixed eval batches: sums first, so the figure is exact over hosts."""
   sums = {}
   for local_batch in eval_batches:
-    out = jax.device_get(eval_step(params, mesh_lib.make_global_batch(local_batch, batch_sharding)))
+    out = jax.device_get(eval_step(params, built.global_batch(local_batch)))
     sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
-  count = max(sums.get("tokens", 0.0), 1.0)
-  loss = sums.get("loss_sum", 0.0) / count
-  if "correct" in sums:
-    return {"loss": loss, "accuracy": sums["correct"] / count}
-  return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+  return built.task.eval_metrics(sums)
 
 
-def make_input(config):
-  """(train iterator, eval batches) for the config's task: pre-training text, SFT chats, or
-  labelled examples for a classifier."""
-  index, count = jax.process_index(), jax.process_count()
-  evals = config.eval.every > 0
-  if config.task == "sft":
-    from foundation.data import sft  # pylint: disable=g-import-not-at-top
-    return (sft.make_sft_iterator(config, index, count),
-            sft.make_sft_eval_batches(config, index, count) if evals else [])
-  if config.task == "classify":
-    from foundation.data import classify  # pylint: disable=g-import-not-at-top
-    examples = classify.ClassifyData(config)
-    return (classify.make_classify_iterator(config, index, count, examples),
-            classify.make_classify_eval_batches(config, index, count, examples) if evals else [])
-  return (data.make_train_iterator(config, index, count),
-          data.make_eval_batches(config, index, count) if evals else [])
+def make_input(config, task):
+  """(train iterator, eval batches) from the input the task names (registry 'input')."""
+  make = registry.get("input", task.input, field=f"task {config.task!r}'s input")
+  return make(config, jax.process_index(), jax.process_count(), config.eval.every > 0)
 
 
 EXIT_BAD_NUMBERS = 3
@@ -77,8 +61,7 @@ class RunStopped(Exception):
   """The run stopped itself (bad numbers); the message says at which step and what to do."""
 
 
-def start_state(config, workdir, manager, model, optimizer, mesh, abstract_state, state_shardings,
-                train_iter, say):
+def start_state(config, workdir, manager, built, train_iter, say):
   """The state to train from: the workdir's newest readable checkpoint (with the input position),
   else `init_from`'s params with a fresh optimizer, else a fresh init from `config.seed`."""
 
@@ -86,7 +69,8 @@ def start_state(config, workdir, manager, model, optimizer, mesh, abstract_state
     data.check_resume(checkpoint.read_meta(manager, step).get("data"), train_iter.description(),
                       step)
 
-  state, step = checkpoint.restore_latest(manager, abstract_state, train_iter, say, check_data)
+  state, step = checkpoint.restore_latest(manager, built.abstract_state, train_iter, say,
+                                          check_data)
   if state is not None:
     saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
         checkpoint.read_meta(manager, step)["time"]))
@@ -97,11 +81,11 @@ def start_state(config, workdir, manager, model, optimizer, mesh, abstract_state
     raise config_lib.ConfigError(
         f"resume=required but {manager.directory} holds no complete checkpoint: check --workdir, "
         f"or use --config.resume=auto to start from scratch")
-  state = step_lib.init_state(model, optimizer, config, mesh, state_shardings)
+  state = built.init_state()
   if not config.init_from:
     say("started from scratch (no checkpoint in the workdir)")
     return state
-  params, note = checkpoint.load_params(config.init_from, abstract_state["params"],
+  params, note = checkpoint.load_params(config.init_from, built.abstract_state["params"],
                                         config.init_from_partial,
                                         lambda key: finetune.expected_difference(key, config))
   params = jax.tree.map(lambda loaded, fresh: fresh if loaded is None else loaded,
@@ -138,45 +122,42 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Devices and checks
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
-  try:
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    data.check_vocab_size(tokenizer, config)
+  try:  # the task's tokenizer (text tasks; None for others), checked against the vocabulary
+    tokenizer = step_lib.make_task(config).tokenizer()
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter = metrics_lib.Reporter(workdir, config.steps)
-  reporter.print(f"foundation: {config.size} model, {jax.device_count()} {jax.devices()[0].platform}"
-                 f" devices, workdir {workdir}")
+  reporter.print(f"foundation: {config.get('size', '?')} {config.model.get('family', 'decoder')} "
+                 f"model, task {config.get('task', 'lm')}, {jax.device_count()} "
+                 f"{jax.devices()[0].platform} devices, workdir {workdir}")
 
-  # ------------------------------------------------------------------ Mesh
-  mesh = mesh_lib.make_mesh(config.mesh)
+  # ------------------------------------------------------------------ Mesh, model, task, optimizer
+  built = build_lib.build(config)
+  mesh, model = built.mesh, built.model
+  abstract_state = built.abstract_state
   reporter.print(mesh_lib.describe(mesh, config.mesh))
-  batch_sharding = mesh_lib.batch_sharding(mesh, mesh_lib.rules(config))
-
-  # ------------------------------------------------------------------ Model, optimizer, shardings
-  model = step_lib.make_model(config)
-  optimizer = optim.make_optimizer(config)
-  abstract_state, state_shardings = step_lib.state_shardings(model, optimizer, config, mesh)
-  n_params = transformer.count_params(abstract_state["params"])
-  if config.model.lora_rank:  # what trains, and the optimizer memory it saves
+  n_params = finetune.count_params(abstract_state["params"])
+  if step_lib.has_frozen_params(config):  # what trains, and the optimizer memory it saves
     reporter.print(finetune.describe(finetune.trainable_report(
         abstract_state["params"], finetune.trainable_mask(abstract_state["params"], config))))
-  flops_per_step = transformer.flops_per_token(model.cfg, config.seq_len) * (
-      config.batch_size * config.seq_len)
-  reporter.print(f"model: {n_params:,} params, {flops_per_step / 1e12:.3g} TFLOP per step "
-                 f"(PaLM formula), batch {config.batch_size} x {config.seq_len} tokens")
+  flops_per_step = built.flops_per_step()
+  units = built.task.units_per_example()
+  reporter.print(f"model: {n_params:,} params, {flops_per_step / 1e12:.3g} TFLOP per step, "
+                 f"batch {config.batch_size}" + (f" x {units} {built.task.unit}"
+                                                 if built.task.unit != "examples" else ""))
 
   # ------------------------------------------------------------------ Input
   try:  # a bad source, glob, feature, mixture or tokenizer is a config error, not a traceback
-    train_iter, eval_batches = make_input(config)
-    # The tokenizer's files are kept in the workdir, fixed once checkpoints exist.
-    data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+    train_iter, eval_batches = make_input(config, built.task)
+    if tokenizer is not None:  # the tokenizer's files are kept in the workdir
+      data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
   # Task evaluators (perplexity, multiple choice, generation; config.evaluate), built once.
   try:
     evaluators = (evaluate_lib.make_evaluators(config, model, mesh, tokenizer)
-                  if config.evaluate.every > 0 else [])
+                  if config.get("evaluate") and config.evaluate.every > 0 else [])
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(str(e)) from None
 
@@ -188,32 +169,32 @@ def train(config, workdir: str) -> dict:
     if leftovers:
       reporter.print(f"deleted {len(leftovers)} incomplete checkpoint save(s) that a kill left "
                      f"behind: {', '.join(leftovers)}")
-    state = start_state(config, workdir, manager, model, optimizer, mesh, abstract_state,
-                        state_shardings, train_iter, reporter.print)
+    state = start_state(config, workdir, manager, built, train_iter, reporter.print)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   checkpoint.write_config(workdir, config)
   first_step = int(jax.device_get(state["step"]))
 
   # ------------------------------------------------------------------ Steps
-  train_step, eval_step = step_lib.jit_steps(model, optimizer, config, mesh, state_shardings)
+  train_step, eval_step = built.jit_steps()
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.log.peak_tflops)
-  throughput = metrics_lib.Throughput(config.batch_size * config.seq_len, flops_per_step,
-                                      peak * jax.device_count() if peak else None)
+  throughput = metrics_lib.Throughput(config.batch_size, flops_per_step,
+                                      peak * jax.device_count() if peak else None,
+                                      unit=built.task.unit, units_per_example=units)
 
   # ------------------------------------------------------------------ Loop
   train_metrics, eval_metrics, preempted_at = {}, {}, None
   guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row")
-  with step_lib.sharding_context(config, mesh), preemption_lib.Preemption() as preemption:
+  with built.context(), preemption_lib.Preemption() as preemption:
     if eval_batches and first_step == 0:
-      eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+      eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
       reporter.write(0, eval_metrics, prefix="eval")
     if evaluators and first_step == 0:  # the tasks before any training: the baseline
       reporter.write(0, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
     previous = None  # (step, metrics) of the step before, read once the next one is queued
     try:
       for step in range(first_step + 1, config.steps + 1):
-        batch = mesh_lib.make_global_batch(next(train_iter), batch_sharding)
+        batch = built.global_batch(next(train_iter))
         state, device_metrics = train_step(state, batch)
         if step == first_step + 1:
           jax.block_until_ready(state)  # the first step compiles: time the rest only
@@ -229,7 +210,7 @@ def train(config, workdir: str) -> dict:
                            **(shares if len(shares) > 1 else {})}
           reporter.write(step, train_metrics)
         if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
-          eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+          eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
           reporter.write(step, eval_metrics, prefix="eval")
         if evaluators and (step % config.evaluate.every == 0 or is_last):
           reporter.write(step, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
@@ -251,7 +232,8 @@ def train(config, workdir: str) -> dict:
                      f"again to resume")
 
     # ---------------------------------------------------------------- A sample
-    if config.log.generate_tokens > 0 and preempted_at is None and not step_lib.is_classifier(config):
+    if (getattr(built.task, "generates", False) and config.log.generate_tokens > 0
+        and preempted_at is None):
       text = generate.greedy_continuation(model, state["params"], tokenizer, config.log.prompt,
                                           config.log.generate_tokens, config.seq_len)
       reporter.print(f"--- greedy continuation of {config.log.prompt!r}:\n"

@@ -76,11 +76,13 @@ def test_peak_flops_lookup():
 
 
 def test_throughput_and_mfu():
-  throughput = metrics_lib.Throughput(tokens_per_step=1000, flops_per_step=4e12,
-                                      peak_flops_total=8e12)
+  # 4 rows of 250 tokens a step
+  throughput = metrics_lib.Throughput(examples_per_step=4, flops_per_step=4e12,
+                                      peak_flops_total=8e12, unit="tokens", units_per_example=250)
   throughput.t0 -= 2.0  # pretend two seconds passed over 4 steps
   report = throughput.report(4)
   np.testing.assert_allclose(report["step_time"], 0.5, rtol=1e-2)
+  np.testing.assert_allclose(report["examples_per_sec"], 8, rtol=1e-2)
   np.testing.assert_allclose(report["tokens_per_sec"], 2000, rtol=1e-2)
   np.testing.assert_allclose(report["mfu"], 4e12 / 0.5 / 8e12, rtol=1e-2)
 
@@ -109,7 +111,7 @@ def test_reporter_writes_tensorboard_events_and_jsonl(tmp_path):
 
 def test_no_rates_before_a_timed_step():
   # The first step compiles; the trainer starts the clock after it, so no rate exists at it.
-  throughput = metrics_lib.Throughput(tokens_per_step=1000, flops_per_step=4e12,
+  throughput = metrics_lib.Throughput(examples_per_step=4, flops_per_step=4e12,
                                       peak_flops_total=8e12)
   throughput.start(1)
   assert throughput.report(1) == {}

@@ -15,7 +15,7 @@ import numpy as np
 
 _STATE_FILE = re.compile(r"process_(\d+)of(\d+)\.")
 # Positions that are one global position, the same on every host: they resume on any host count.
-GLOBAL_POSITIONS = ("prepared", "tf.data-global", "sft", "classify")
+GLOBAL_POSITIONS = ("prepared", "tf.data-global", "sft", "classify", "images", "global")
 
 
 def state_prefix(directory: str, process_index: int, process_count: int) -> str:
@@ -89,6 +89,17 @@ def check_resume(saved: dict | None, current: dict, step: int) -> None:
   if not saved:
     return
   where = f"the checkpoint at step {step}"
+  if "tokenizer" not in current:  # an input without text: its description must match whole
+    global_position = current.get("position_kind") in GLOBAL_POSITIONS
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+                     and not (global_position and k == "process_count"))
+    if changed:
+      raise ValueError(f"the input differs from {where}'s in {', '.join(changed)} (then "
+                       f"{ {k: saved.get(k) for k in changed} }, now "
+                       f"{ {k: current.get(k) for k in changed} }): its position means nothing "
+                       f"for other data; resume with the same data.* fields or start a new "
+                       f"workdir")
+    return
   then, now = saved.get("tokenizer", {}), current["tokenizer"]
   if (then.get("kind"), then.get("sha256")) != (now["kind"], now["sha256"]):
     hint = (f"--config.data.tokenizer=WORKDIR/{then.get('file')}" if then.get("file")

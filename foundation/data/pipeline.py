@@ -289,6 +289,8 @@ def summary(iterator: iterators.DataIterator) -> str:
   """One line for the console: the sources and their shares, the tokenizer."""
   d = iterator.description()
   shares = " + ".join(f"{spec} {weight:.1%}" for spec, weight in d["sources"])
+  if "tokenizer" not in d:  # an input without text (images, a test's own input)
+    return f"data: {shares} of rows ({d.get('position_kind', '?')})"
   tok = d["tokenizer"]
   sha = f", sha256 {tok['sha256'][:12]}" if tok["sha256"] else ""
   return (f"data: {shares} of rows ({d['position_kind']}); {tok['kind']} tokenizer "

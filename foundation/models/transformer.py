@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foundation import registry
 from foundation.models import layers
 
 Array = jax.Array
@@ -330,3 +331,35 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> flo
   if causal:
     attention /= 2
   return float(6 * non_embedding_params(cfg) + attention)
+
+
+# ---------------------------------------------------------------- the family, for the registry
+
+@registry.register("family", "decoder")
+class DecoderFamily:
+  """The decoder-only LM (LLaMA architecture) as a family the config names: model.family='decoder'."""
+  # Fields that must be positive, and the logical axes its sizes split over the mesh.
+  POSITIVE = ("model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads",
+              "model.n_kv_heads", "model.head_dim", "model.mlp_dim", "model.max_seq_len")
+  SPLIT_SIZES = {"heads": "model.n_heads", "kv_heads": "model.n_kv_heads", "mlp": "model.mlp_dim",
+                 "vocab": "model.vocab_size", "embed": "model.d_model"}
+  CHOICES = {"model.dtype": ("float32", "bfloat16", "float16"),
+             "model.param_dtype": ("float32", "bfloat16"),
+             "model.attention": ("xla", "cudnn"),
+             "model.remat_policy": ("none", "minimal", "dots", "full")}
+
+  @staticmethod
+  def check(config) -> None:
+    """ValueError naming the field for sizes that cannot make a model."""
+    m = config.model
+    if m.n_heads % m.n_kv_heads:
+      raise ValueError(
+          f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}: "
+          f"grouped-query attention shares each kv head among n_heads / n_kv_heads query heads")
+    if m.head_dim % 2:
+      raise ValueError(f"model.head_dim={m.head_dim} must be even for rotary embeddings")
+    ModelConfig.from_config(m)  # LoRA, rope scaling and the other fields' own checks
+
+  @staticmethod
+  def make_model(config) -> Transformer:
+    return Transformer(ModelConfig.from_config(config.model))
