@@ -41,15 +41,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs an
 def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict:
   """Held-out loss and perplexity (a classifier: loss and accuracy) over the fixed eval batches
   (sums first: exact over hosts)."""
-  sums = {}
-  for local_batch in eval_batches:
-    out = jax.device_get(eval_step(params, mesh_lib.make_global_batch(local_batch, batch_sharding)))
-    sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
-  count = max(sums.get("tokens", 0.0), 1.0)
-  loss = sums.get("loss_sum", 0.0) / count
-  if "correct" in sums:
-    return {"loss": loss, "accuracy": sums["correct"] / count}
-  return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0)))}
+  return evaluate_lib.split_metrics(evaluate_lib.eval_sums(eval_step, params, eval_batches,
+                                                          batch_sharding))
 
 
 def make_input(config):
@@ -170,6 +163,7 @@ def train(config, workdir: str) -> dict:
     train_iter, eval_batches = make_input(config)
     # The tokenizer's files are kept in the workdir, fixed once checkpoints exist.
     data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+    finetune.store_labels(config, train_iter, workdir, jax.process_index() == 0, reporter.print)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
