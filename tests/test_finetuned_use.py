@@ -66,8 +66,9 @@ def classifier(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
+  """An SFT run on short sums: {"prompt": "3+4", "response": "7"} a line."""
   folder = tmp_path_factory.mktemp("sft")
-  chat = folder / "functions.jsonl"
+  chat = folder / "sums.jsonl"
   chat.write_text("".join(json.dumps({"prompt": f"{a}+{b}", "response": f"{a + b}"}) + "\n"
                           for a in range(20) for b in range(10)))
   workdir = str(folder / "run")
@@ -159,10 +160,6 @@ def test_language_model_tasks_on_a_classifier_are_one_line_errors(classifier, tm
     with pytest.raises(ValueError, match=rf"evaluate.tasks: '{task}' scores a language model's "
                                          r"next tokens, but this run is a classifier"):
       own_eval(session, workdir, task)
-  result = run_module("foundation.evaluate", "--workdir", workdir, "--tasks", f"mc:{quiz}")
-  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      "error: evaluate.tasks: 'mc:") and "classifier" in result.stderr
 
 
 def test_the_command_lines_on_a_classifier(classifier, tmp_path):
