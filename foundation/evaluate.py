@@ -1,13 +1,22 @@
 r"""Evaluation: perplexity on a split, multiple-choice log-likelihood, generation tasks.
 
-  python -m foundation.evaluate --workdir runs/tiny                        # held-out perplexity
+  python -m foundation.evaluate --workdir runs/tiny                        # its own eval split
   python -m foundation.evaluate --workdir runs/tiny --tasks mc:data/quiz.jsonl --shots 3
   python -m foundation.evaluate --workdir runs/tiny --tasks gen:data/de-en.jsonl --metric bleu
   python -m foundation.evaluate --workdir runs/tiny --tasks perplexity,mc:a.jsonl,gen:b.jsonl
+  python -m foundation.evaluate --workdir runs/cls                         # accuracy, confusion
 
 Tasks (`--tasks`, or `config.evaluate.tasks`; comma-separated):
+  eval         (the command line's default) the run's own task on its own eval split, with the
+               trainer's eval step and sums, so the figures are the trainer's eval/* at that
+               step: `perplexity` for a language model, `sft` for an SFT run, `classify` for a
+               classifier.
   perplexity   the data pipeline's eval batches (config.data's eval split, config.eval.steps
-               batches): token loss and perplexity.
+               batches): token loss and perplexity. On an SFT run: the pre-training corpus.
+  sft          an SFT run's eval split (sft.eval_path, or the held-out sft.eval_fraction): loss
+               and perplexity over the answer tokens (the tokens the run trains on).
+  classify     a classifier's eval split (classify.*): loss, accuracy, per-label counts and
+               accuracy, and the confusion table (true label x predicted label, by name).
   mc:FILE      multiple choice, JSONL {"context" (or "question"), "choices": [...], "answer": i}.
                Each choice is scored by the log-likelihood of its tokens after the context
                (context + delimiter + choice); accuracy (highest sum) and accuracy_norm (highest
@@ -18,6 +27,8 @@ Tasks (`--tasks`, or `config.evaluate.tasks`; comma-separated):
                any reference) or BLEU (sacrebleu, corpus level).
 `shots` > 0 puts that many solved examples of the same file (never the one asked), separated by
 blank lines, before each question. Contexts too long for the model lose their oldest tokens.
+A classifier has no vocabulary output: only `eval`/`classify` apply to it (its labels for a text:
+`python -m foundation.generate --workdir CLS --prompt TEXT`, or `Session.classify`).
 
 During training (the trainer's periodic evaluator; one object per task, built once):
   evaluators = evaluate.make_evaluators(config, model, mesh, tokenizer)  # from config.evaluate
@@ -169,30 +180,119 @@ def score(runtime: Runtime, params, pairs: Sequence[tuple[list[int], list[int]]]
   return results
 
 
-# ------------------------------------------------------------------ evaluators
+# ------------------------------------------------------------------ a run's own eval split
 
-class Perplexity:
+def eval_sums(eval_step, params, eval_batches, batch_shardings) -> dict[str, float]:
+  """The eval step's sums (the task's: 'loss_sum', 'count' (tokens or rows), a classifier's
+  'correct') over this host's share of the eval batches, added in float64 on the host (exact over
+  hosts). The task's `eval_metrics` turns them into the eval/* figures."""
+  sums = {}
+  for local_batch in eval_batches:
+    out = jax.device_get(eval_step(params, mesh_lib.make_global_batch(local_batch,
+                                                                       batch_shardings)))
+    sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+  return sums
+
+
+def own_task(config) -> str:
+  """The task `eval` stands for on this run: 'perplexity', 'sft' or 'classify'."""
+  return {"sft": "sft", "classify": "classify"}.get(config.get("task", "lm"), "perplexity")
+
+
+class HeldOut:
+  """Token loss and perplexity over eval batches, with the trainer's eval step and sums.
+
+  `perplexity`: the data pipeline's eval batches (config.data, config.eval); `sft`: an SFT run's
+  eval split (foundation/data/sft.py), loss over the answer tokens only.
+  """
+
+  def __init__(self, name: str, config, runtime: Runtime):
+    from foundation import data  # pylint: disable=g-import-not-at-top
+    from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
+    index, count = jax.process_index(), jax.process_count()
+    if name == "sft":
+      from foundation.data import sft  # pylint: disable=g-import-not-at-top
+      self.batches = sft.make_sft_eval_batches(config, index, count)
+    else:
+      self.batches = data.make_eval_batches(config, index, count)
+    self.name, self.runtime = name, runtime
+    self.task = step_lib.make_task(config)
+    self.sharding = step_lib.batch_shardings(config, runtime.mesh, self.task)
+    self.step = jax.jit(step_lib.make_eval_step(runtime.model, config, self.task))
+
+  def run(self, params) -> Iterator[tuple[str, float]]:
+    with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
+      sums = eval_sums(self.step, params, self.batches, self.sharding)
+    for key, value in self.task.eval_metrics(sums).items():
+      yield f"{self.name}/{key}", value
+    yield f"{self.name}/tokens", sums.get("count", 0.0)
+
+
+class Perplexity(HeldOut):
   """Token loss and perplexity over the data pipeline's eval batches (config.data, config.eval)."""
 
   def __init__(self, config, runtime: Runtime):
-    from foundation import data  # pylint: disable=g-import-not-at-top
+    super().__init__("perplexity", config, runtime)
+
+
+class Classification:
+  """A classifier on its eval split (classify.*, config.eval.steps batches): the trainer's loss
+  and accuracy, per-label counts and accuracy, and the confusion table, labels by name."""
+  name = "classify"
+
+  def __init__(self, config, runtime: Runtime, workdir: str | None = None):
+    from foundation import finetune  # pylint: disable=g-import-not-at-top
     from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
-    self.runtime = runtime
-    self.batches = data.make_eval_batches(config, jax.process_index(), jax.process_count())
-    self.sharding = mesh_lib.batch_sharding(runtime.mesh, runtime.axis_rules)
-    self.step = jax.jit(step_lib.make_eval_step(runtime.model, config))
+    from foundation.data import classify  # pylint: disable=g-import-not-at-top
+    data = classify.ClassifyData(config)
+    stored = classify.read_labels(workdir) if workdir else None
+    if stored is not None and stored != data.names:
+      raise ValueError(f"{os.path.join(workdir, classify.LABELS_FILE)} holds the labels "
+                       f"{stored[:20]} the run trained with, but its eval data now gives "
+                       f"{data.names[:20]}: the classify.* files changed since")
+    self.names, self.runtime = data.names, runtime
+    self.batches = classify.make_classify_eval_batches(
+        config, jax.process_index(), jax.process_count(), data)
+    self.task = step_lib.make_task(config)
+    self.sharding = step_lib.batch_shardings(config, runtime.mesh, self.task)
+    self.step = jax.jit(step_lib.make_eval_step(runtime.model, config, self.task))
+    self.logits = jax.jit(functools.partial(finetune.classify_logits, runtime.model))
+    self.confusion = np.zeros((len(self.names), len(self.names)), np.int64)
+
+  def confusion_table(self, params) -> np.ndarray:
+    """int64 [true label, predicted label] counts over the eval rows."""
+    confusion = np.zeros_like(self.confusion)
+    for local_batch in self.batches:
+      batch = mesh_lib.make_global_batch(local_batch, self.sharding)
+      predicted = np.argmax(generate_lib.to_host(self.logits(params, batch)), axis=-1)
+      labels, mask = (generate_lib.to_host(batch[k]) for k in ("labels", "label_mask"))
+      np.add.at(confusion, (labels[mask > 0], predicted[mask > 0]), 1)
+    return confusion
 
   def run(self, params) -> Iterator[tuple[str, float]]:
-    loss_sum, tokens = 0.0, 0.0
     with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
-      for local_batch in self.batches:
-        out = self.step(params, mesh_lib.make_global_batch(local_batch, self.sharding))
-        out = jax.device_get(out)
-        loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    yield "perplexity/loss", loss
-    yield "perplexity/perplexity", float(math.exp(min(loss, 50.0)))
-    yield "perplexity/tokens", tokens
+      sums = eval_sums(self.step, params, self.batches, self.sharding)
+      self.confusion = self.confusion_table(params)
+    for key, value in self.task.eval_metrics(sums).items():
+      yield f"{self.name}/{key}", value
+    yield f"{self.name}/examples", sums.get("count", 0.0)
+    for i, name in enumerate(self.names):
+      count = int(self.confusion[i].sum())
+      yield f"{self.name}/count/{name}", float(count)
+      yield f"{self.name}/accuracy/{name}", float(self.confusion[i, i] / max(count, 1))
+    for i, true in enumerate(self.names):
+      for j, predicted in enumerate(self.names):
+        yield f"{self.name}/confusion/{true}/{predicted}", float(self.confusion[i, j])
+
+  def table(self) -> str:
+    """The last run's confusion table as text: a row per true label, a column per prediction."""
+    names = [str(n) for n in self.names]
+    width = max(6, *(len(n) for n in names), len(str(int(self.confusion.max(initial=0)))))
+    lines = ["confusion (rows: true label, columns: predicted label)",
+             " " * width + "".join(f"  {n:>{width}}" for n in names)]
+    for name, row in zip(names, self.confusion):
+      lines.append(f"{name:>{width}}" + "".join(f"  {int(c):>{width}}" for c in row))
+    return "\n".join(lines)
 
 
 class MultipleChoice:
@@ -288,8 +388,25 @@ class Generation:
     yield f"{self.name}/examples", float(len(hypotheses))
 
 
-def make_evaluators(config, model, mesh, tokenizer, eval_config=None) -> list:
-  """One evaluator per task of `eval_config` (default: config.evaluate, else its defaults)."""
+def check_task(task: str, config) -> None:
+  """A task the run cannot do (an LM task on a classifier, `sft` on another run) is a one-line
+  error saying why."""
+  run_task, kind = config.get("task", "lm"), task.partition(":")[0]
+  if run_task == "classify" and kind != "classify":
+    raise ValueError(
+        f"evaluate.tasks: {task!r} scores a language model's next tokens, but this run is a "
+        f"classifier (task='classify', model.num_classes={config.model.num_classes}) with no "
+        f"vocabulary output; use the task 'eval' (accuracy on its eval split), and "
+        f"`python -m foundation.generate --workdir WORKDIR --prompt TEXT` for a text's label")
+  if kind in ("sft", "classify") and run_task != kind:
+    raise ValueError(f"evaluate.tasks: {task!r} needs a task={kind!r} run's eval split, but this "
+                     f"run's task is {run_task!r}; 'eval' evaluates any run on its own task")
+
+
+def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
+                    workdir: str | None = None) -> list:
+  """One evaluator per task of `eval_config` (default: config.evaluate, else its defaults).
+  `workdir`: the run's, whose labels.json a classifier's evaluator checks its labels against."""
   from foundation import defaults as common  # pylint: disable=g-import-not-at-top
   if eval_config is None:
     eval_config = config.get("evaluate") or common.evaluate_config()
@@ -299,17 +416,22 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None) -> list:
                 seed=eval_config.seed)
   evaluators = []
   for task in [t.strip() for t in eval_config.tasks.split(",") if t.strip()]:
+    task = own_task(config) if task == "eval" else task
     kind, _, path = task.partition(":")
-    if kind == "perplexity" and not path:
-      evaluators.append(Perplexity(config, runtime))
+    if kind in ("perplexity", "sft", "classify", "mc", "gen"):
+      check_task(task, config)
+    if kind in ("perplexity", "sft") and not path:
+      evaluators.append(HeldOut(kind, config, runtime))
+    elif kind == "classify" and not path:
+      evaluators.append(Classification(config, runtime, workdir))
     elif kind == "mc" and path:
       evaluators.append(MultipleChoice(path, runtime, **shared))
     elif kind == "gen" and path:
       evaluators.append(Generation(path, runtime, eval_config.metric,
                                    max_new_tokens=eval_config.max_new_tokens, **shared))
     else:
-      raise ValueError(f"evaluate.tasks: {task!r} is not a task; use 'perplexity', 'mc:FILE.jsonl' "
-                       f"or 'gen:FILE.jsonl'")
+      raise ValueError(f"evaluate.tasks: {task!r} is not a task; use 'eval', 'perplexity', 'sft', "
+                       f"'classify', 'mc:FILE.jsonl' or 'gen:FILE.jsonl'")
   return evaluators
 
 
@@ -323,14 +445,16 @@ def run(evaluators, params) -> dict[str, float]:
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "A run's workdir: config.json and checkpoints/.")
-  flags.DEFINE_string("tasks", "perplexity", "Comma-separated: perplexity, mc:FILE, gen:FILE.")
+  flags.DEFINE_string("tasks", "eval", "Comma-separated: eval (the run's own task on its eval "
+                      "split), perplexity, sft, classify, mc:FILE, gen:FILE.")
   flags.DEFINE_integer("shots", 0, "Solved examples before each question.")
   flags.DEFINE_string("metric", "exact_match", "Generation tasks: exact_match or bleu.")
   flags.DEFINE_integer("max_new_tokens", 32, "Generation tasks: longest answer, in tokens.")
   flags.DEFINE_integer("limit", 0, "At most this many examples per task (0: all).")
   flags.DEFINE_integer("batch_size", 8, "Rows per batch (rounded up to the data-parallel degree).")
   flags.DEFINE_string("delimiter", " ", "Between a context and its answer.")
-  flags.DEFINE_integer("eval_steps", None, "perplexity: eval batches (default config.eval.steps).")
+  flags.DEFINE_integer("eval_steps", None, "eval, perplexity, sft, classify: eval batches "
+                       "(default config.eval.steps).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_multi_string("override", [], "A config field of the workdir, e.g. mesh.tensor=2.")
   flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
@@ -353,12 +477,16 @@ def main(argv):
   try:
     session = generate_lib.load(f.workdir, f.step, overrides)
     evaluators = make_evaluators(session.config, session.model, session.mesh, session.tokenizer,
-                                 eval_config)
+                                 eval_config, f.workdir)
     results = {"step": session.step, **run(evaluators, session.params)}
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   for name, value in results.items():
-    print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+    if "/confusion/" not in name:  # the table below shows those
+      print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+  for evaluator in evaluators:
+    if isinstance(evaluator, Classification):
+      print(evaluator.table())
   if f.output:
     with open(f.output, "w") as out:
       json.dump(results, out, indent=2)

@@ -6,6 +6,7 @@ classification loss, and the adapter/optimizer-memory report.
   optimizer = finetune.freeze_untrained(optim.make_optimizer(config), config)
   params, report = finetune.overlay_pretrained(init_params, pretrained_params, config)
   sums = finetune.classify_loss_sums(model, params, batch)   # config.model.num_classes > 0
+  finetune.store_labels(config, train_iter, workdir, write, say)  # WORKDIR/labels.json
   merged = finetune.merge_lora(params, model.cfg)         # loads into model.lora_rank=0
 
 What trains: with LoRA (model.lora_rank > 0) only the adapters (lora_a, lora_b) and a
@@ -16,6 +17,7 @@ the trainable subtree alone, so its state holds moments for the trainable leaves
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -228,6 +230,23 @@ def classify_loss_sums(model, params: dict, batch: dict, deterministic: bool = T
   # where, not multiply: a padding row's logits must not leak a NaN into the sums.
   return {"ce_sum": jnp.where(mask, ce, 0.0).sum(), "correct": jnp.where(mask, hit, 0.0).sum(),
           "count": mask.sum().astype(jnp.float32)}
+
+
+def classify_logits(model, params: dict, batch: dict) -> jax.Array:
+  """float32 [B, num_classes]: the head's logits at each row's `last_index` (jit-able)."""
+  return model.apply({"params": params}, batch["inputs"], batch["positions"],
+                     batch["segment_ids"], last_index=batch["last_index"]).astype(jnp.float32)
+
+
+def store_labels(config, train_iter, workdir: str, write: bool, say) -> None:
+  """A classifier's label names (index = id) kept in WORKDIR/labels.json and printed once; other
+  tasks: nothing. Raises ValueError when checkpoints of other labels are there."""
+  if config.get("task") != "classify":
+    return
+  from foundation.data import classify  # pylint: disable=g-import-not-at-top
+  names = train_iter.description()["labels"]
+  classify.store_labels(names, workdir, write)
+  say(f"{classify.describe_labels(names)} (kept in {os.path.join(workdir, classify.LABELS_FILE)})")
 
 
 def dropout_rngs(config, step) -> dict:

@@ -9,6 +9,7 @@ shardings. In Python:
 
   session = generate.load(workdir)
   texts = session.generate(["def f(x):", "import"], max_new_tokens=64)
+  session.classify(["a great film"])   # a classifier's workdir: [('pos', {'pos': 0.93, 'neg': ..})]
   ids = generate.generate(model, params, [[1, 5, 6], [1, 7]], max_new_tokens=8, max_len=512,
                           sampling=generate.Sampling(temperature=0.7, top_k=50, top_p=0.9),
                           stop_tokens=(2,), mesh=mesh, axis_rules=rules)
@@ -18,6 +19,11 @@ How a batch of prompts of different lengths is decoded: the prompts are LEFT-pad
 and one decode step serves all rows. Padding slots have segment id 0 and are never attended to;
 each row's rotary positions count from 0 at its own first token, so the results are those of the
 prompt alone. A row stops at a stop token, at `max_new_tokens`, or when it fills the context.
+
+A classifier's workdir (configs/finetune.py:task=classify) has labels, not text: `--prompt TEXT`
+prints each text's label by name with its probability, then the `--top_k` most likely labels
+(default: up to 5), e.g. `pos (p=0.93)  top 2: pos 0.930, neg 0.070`. The names are the run's
+WORKDIR/labels.json (index = id).
 """
 
 import dataclasses
@@ -289,10 +295,15 @@ class Session:
   tokenizer: object
   mesh: object
   step: int
+  labels: list[str] | None = None  # a classifier's label names, index = id (WORKDIR/labels.json)
 
   @property
   def axis_rules(self):
     return mesh_lib.rules(self.config)
+
+  @property
+  def is_classifier(self) -> bool:
+    return self.config.model.get("num_classes", 0) > 0
 
   @property
   def max_len(self) -> int:
@@ -300,6 +311,10 @@ class Session:
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
     """`generate` on this session's model, mesh and rules; EOS stops a row unless told otherwise."""
+    if self.is_classifier:
+      raise ValueError(f"this workdir is a classifier (model.num_classes="
+                       f"{self.config.model.num_classes}): it predicts labels, not text; use "
+                       f"session.classify(texts) (or generate --prompt, which prints the label)")
     kwargs.setdefault("stop_tokens", (self.tokenizer.eos_id,))
     kwargs.setdefault("pad_id", self.tokenizer.pad_id)
     kwargs.setdefault("max_len", self.max_len)
@@ -314,6 +329,60 @@ class Session:
     out = self.generate_ids([self.encode_prompt(t) for t in texts], **kwargs)
     return [self.tokenizer.decode(ids) for ids in out]
 
+  def classify(self, texts: Sequence[str],
+               batch_size: int = 32) -> list[tuple[str, dict[str, float]]]:
+    """A classifier's prediction for each text: (label name, {name: probability}), the dict
+    ordered from the most likely label. Each text is the row training made of it
+    ([bos] + text + [eos], cut to seq_len as classify.truncate says); the head reads the eos."""
+    if not self.is_classifier:
+      raise ValueError("this workdir is a language model (model.num_classes=0): it has no labels; "
+                       "use session.generate(texts)")
+    from foundation.data import classify  # pylint: disable=g-import-not-at-top
+    seq_len, truncate = self.config.seq_len, self.config.classify.truncate
+    tokens = [classify.encode(self.tokenizer, text, seq_len, truncate) for text in texts]
+    dp = mesh_lib.data_parallel_degree(self.mesh, self.axis_rules)
+    out = []
+    for start in range(0, len(tokens), batch_size):
+      chunk = tokens[start:start + batch_size]
+      n = -(-len(chunk) // dp) * dp  # rows past the texts repeat the first one (ignored)
+      rows = [(i,) for i in range(len(chunk))] + [(0,)] * (n - len(chunk))
+      width = min(seq_len, bucket(max(len(t) for t in chunk)))
+      batch = classify.build_batch(chunk, np.zeros(len(chunk), np.int32), rows, width)
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.axis_rules):
+        placed = {k: place_batch(v, self.mesh, self.axis_rules) for k, v in batch.items()}
+        logits = to_host(_classify_logits(self.model, self.params, placed))[:len(chunk)]
+      logits = logits.astype(np.float64)
+      probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+      probs /= probs.sum(axis=-1, keepdims=True)
+      for row in probs:
+        order = np.argsort(-row, kind="stable")
+        out.append((self.labels[order[0]],
+                    {self.labels[i]: float(row[i]) for i in order}))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _classify_logits(model, params, batch):
+  from foundation import finetune  # pylint: disable=g-import-not-at-top
+  return finetune.classify_logits(model, params, batch)
+
+
+def label_names(workdir: str, config) -> list[str]:
+  """A classifier's label names (index = id): WORKDIR/labels.json; a run from before that file
+  was kept falls back on classify.labels, else the ids themselves ('0', '1', ...), and says so."""
+  from foundation.data import classify  # pylint: disable=g-import-not-at-top
+  classes = config.model.num_classes
+  names = classify.read_labels(workdir)
+  where = os.path.join(workdir, classify.LABELS_FILE)
+  if names is None:
+    given = config.get("classify", {}).get("labels", "")
+    names = [n.strip() for n in given.split(",")] if given else [str(i) for i in range(classes)]
+    print(f"{where} does not exist (a run from before it was kept): labels are "
+          f"{'classify.labels' if given else 'shown as their ids'}", file=sys.stderr)
+  if len(names) != classes:
+    raise ValueError(f"{where}: {len(names)} labels {names[:20]}, but model.num_classes={classes}")
+  return names
+
 
 def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -> Session:
   """The model of `workdir` (config.json + a checkpoint's params), sharded on this host's devices."""
@@ -323,7 +392,8 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
   mesh = mesh_lib.make_mesh(config.mesh)
   params, step = restore_params(workdir, abstract_params(model, config, mesh), step)
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
-  return Session(config, model, params, tokenizer, mesh, step)
+  labels = label_names(workdir, config) if config.model.get("num_classes", 0) > 0 else None
+  return Session(config, model, params, tokenizer, mesh, step, labels)
 
 
 # ------------------------------------------------------------------ chat
@@ -375,7 +445,8 @@ def _define_flags():
   flags.DEFINE_bool("interactive", False, "Chat: read messages from stdin, keep the history.")
   flags.DEFINE_integer("max_new_tokens", 128, "At most this many new tokens per prompt.")
   flags.DEFINE_float("temperature", 0.0, "0: greedy; else sample from softmax(logits / T).")
-  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all); a "
+                       "classifier: show the k most likely labels (0: up to 5).")
   flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set with this much probability.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -401,6 +472,22 @@ def _interactive(chat: Chat) -> None:
       print(f"error: {e}", flush=True)
 
 
+def format_label(label: str, probs: dict[str, float], top_k: int) -> str:
+  """'pos (p=0.93)  top 2: pos 0.930, neg 0.070'."""
+  top = list(probs.items())[:top_k]
+  return (f"{label} (p={probs[label]:.2f})  top {len(top)}: "
+          + ", ".join(f"{name} {p:.3f}" for name, p in top))
+
+
+def _print_labels(texts: Sequence[str], results, top_k: int) -> None:
+  for text, (label, probs) in zip(texts, results):
+    if len(texts) > 1:
+      print(text)
+    print(format_label(label, probs, top_k))
+    if len(texts) > 1:
+      print("---")
+
+
 def main(argv):
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
@@ -414,6 +501,12 @@ def main(argv):
     session = load(f.workdir, f.step, f.override)
     print(f"{f.workdir}: step {session.step}, {session.model.cfg.n_layers} layers, "
           f"{mesh_lib.describe(session.mesh, session.config.mesh)}", file=sys.stderr)
+    if session.is_classifier:
+      if f.interactive or not f.prompt:
+        raise ValueError("--interactive: this workdir is a classifier; give the texts to label "
+                         "with --prompt TEXT (repeat the flag for several)")
+      _print_labels(f.prompt, session.classify(f.prompt), f.top_k or 5)
+      return
     if f.interactive:
       _interactive(Chat(session, f.max_new_tokens, f.system, sampling=sampling, seed=f.seed))
       return

@@ -24,6 +24,7 @@ KINDS = ("family", "task", "input", "evaluator")
 BUILTIN_MODULES = (
     "foundation.models.transformer",
     "foundation.tasks.text",
+    "foundation.tasks.images",
 )
 
 _ENTRIES: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}

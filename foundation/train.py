@@ -41,11 +41,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs an
 def evaluate(eval_step, params, eval_batches, built) -> dict:
   """The task's held-out metrics (loss and perplexity; a classifier: loss and accuracy) over the
   fixed eval batches: sums first, so the figure is exact over hosts."""
-  sums = {}
-  for local_batch in eval_batches:
-    out = jax.device_get(eval_step(params, built.global_batch(local_batch)))
-    sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
-  return built.task.eval_metrics(sums)
+  return built.task.eval_metrics(evaluate_lib.eval_sums(eval_step, params, eval_batches,
+                                                        built.batch_shardings))
 
 
 def make_input(config, task):
@@ -151,6 +148,7 @@ def train(config, workdir: str) -> dict:
     train_iter, eval_batches = make_input(config, built.task)
     if tokenizer is not None:  # the tokenizer's files are kept in the workdir
       data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+    finetune.store_labels(config, train_iter, workdir, jax.process_index() == 0, reporter.print)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))

@@ -200,7 +200,7 @@ def test_bad_task_files_are_clear_errors(setup, tmp_path):
     evaluate.generation_examples(str(tmp_path / "c.jsonl"))
   eval_config = common.evaluate_config()
   eval_config.tasks = "perplexity,quiz.jsonl"
-  with pytest.raises(ValueError, match="'quiz.jsonl' is not a task; use 'perplexity', 'mc:FILE"):
+  with pytest.raises(ValueError, match="'quiz.jsonl' is not a task; use 'eval', 'perplexity', "):
     evaluate.make_evaluators(config, runtime.model, runtime.mesh, runtime.tokenizer, eval_config)
 
 

@@ -12,7 +12,9 @@ Every host reads the whole set once (fine-tuning sets are small); no TensorFlow 
 Labels: `classify.labels` ('neg,pos') fixes the names and their ids in that order; otherwise
 integer labels are their own ids (names '0', '1', ...) and string labels take ids in sorted
 order (over train and eval together). A TFDS ClassLabel brings its own names. The number of
-classes must equal model.num_classes (the head's width).
+classes must equal model.num_classes (the head's width). The trainer prints the mapping at start
+and keeps it in WORKDIR/labels.json ({"labels": [name of id 0, name of id 1, ...]}, beside
+config.json), where `evaluate` and `generate` read the names back (`read_labels`).
 
 A row is [bos] + text ids + [eos], cut to seq_len by dropping text from the end
 (classify.truncate='right', the default: keep the start) or from the start ('left': keep the
@@ -24,6 +26,7 @@ and int32 labels, last_index, label_mask [B] (label_mask 0 on eval padding rows)
 
 import csv
 import io
+import json
 import os
 import re
 
@@ -200,6 +203,51 @@ def label_id(value, names: list[str], where: str) -> int:
     return int(text)
   raise ValueError(f"{where}: label {value!r} is not one of the {len(names)} classes {names[:20]}"
                    f" (ids 0..{len(names) - 1})")
+
+
+LABELS_FILE = "labels.json"
+
+
+def store_labels(names: list[str], workdir: str, write: bool) -> None:
+  """Keeps the label names (index = id) in WORKDIR/labels.json (written when `write`, on one
+  process, atomically). Once checkpoints exist the file belongs to them: other names are then an
+  error, and the file is never replaced; before that it is simply replaced."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / LABELS_FILE
+  stored = read_labels(workdir)
+  if stored == names:
+    return
+  folder = epath.Path(workdir) / "checkpoints"
+  if stored is not None and folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir()):
+    raise ValueError(f"{path} holds the labels {stored[:20]} of this workdir's checkpoints, but "
+                     f"this run's data gives {names[:20]}: fix classify.* or use a new --workdir")
+  if not write:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.parent / f".{LABELS_FILE}.partial"
+  partial.write_text(json.dumps({"labels": list(names)}, indent=1) + "\n")
+  partial.replace(path)
+
+
+def read_labels(workdir: str) -> list[str] | None:
+  """The label names kept in WORKDIR/labels.json (index = id), or None when there is no file."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / LABELS_FILE
+  if not path.exists():
+    return None
+  try:
+    names = json.loads(path.read_text())["labels"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    names = None
+  if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    raise ValueError(f"{path} is not a labels file: it must be {{\"labels\": [\"name\", ...]}}")
+  return names
+
+
+def describe_labels(names: list[str]) -> str:
+  """'labels: 0=neg, 1=pos' (the first 20)."""
+  shown = ", ".join(f"{i}={n}" for i, n in enumerate(names[:20]))
+  return f"labels: {shown}{f', ... ({len(names)} in all)' if len(names) > 20 else ''}"
 
 
 # ---------------------------------------------------------------- rows -> batches
