@@ -95,7 +95,14 @@ class SentencePieceTokenizer(InGraphEncoding):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     self.path = path
     self.model_proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except (RuntimeError, TypeError, ValueError) as e:  # sentencepiece's parse failure
+      del e  # sentencepiece's text is its C++ source line, not the reason
+      raise ValueError(f"data.tokenizer={path!r} is not a SentencePiece model (its "
+                       f"{len(model_proto)} bytes do not parse as one); use 'byte', a Hugging "
+                       f"Face tokenizer.json or a .model file from `python -m "
+                       f"foundation.tokenizer`") from None
     specials = {"pad": (self._sp.pad_id(), PAD_ID), "bos": (self._sp.bos_id(), BOS_ID),
                 "eos": (self._sp.eos_id(), EOS_ID)}
     wrong = {name: got for name, (got, want) in specials.items() if got != want}
@@ -140,11 +147,19 @@ class HFTokenizer(InGraphEncoding):
     try:
       self._tok = Tokenizer.from_str(self.json_bytes.decode("utf-8"))
     except Exception as e:  # the tokenizers package raises its own exception type
-      raise ValueError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json: {e}") from None
+      reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+      raise ValueError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json: "
+                       f"{reason}") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     named = {}
     if self.sidecar_bytes is not None:
-      sidecar = json.loads(self.sidecar_bytes)
+      try:
+        sidecar = json.loads(self.sidecar_bytes)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{side} (beside data.tokenizer={path!r}) is not JSON ({e}); fix or "
+                         f"remove it") from None
+      if not isinstance(sidecar, dict):
+        raise ValueError(f"{side} (beside data.tokenizer={path!r}) is not a JSON object")
       for kind in self.NAMES:
         token = sidecar.get(f"{kind}_token")
         named[kind] = token.get("content") if isinstance(token, dict) else token
