@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from foundation.data import tokenizers
 from foundation.models import transformer
 
 # model_type -> the HF class our architecture matches.
@@ -535,6 +536,13 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
   files = export_params(params, cfg, out_dir, dtype=dtype,
                         model_type=model_type, max_shard_bytes=max_shard_bytes,
                         bos_id=tok.bos_id, eos_id=tok.eos_id)
+  if jax.process_index() == 0 and isinstance(tok, tokenizers.ByteTokenizer):
+    # No file to copy: describe the byte ids as a tokenizer.json that transformers reads.
+    for name, contents in tokenizers.byte_tokenizer_files().items():
+      with open(os.path.join(out_dir, name), "wb") as f:
+        f.write(contents)
+      files.append(name)
+    return files
   for name in TOKENIZER_FILES:
     if os.path.exists(os.path.join(workdir, name)) and jax.process_index() == 0:
       shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))

@@ -236,6 +236,38 @@ def files(tokenizer: Tokenizer) -> dict[str, bytes]:
   return {}
 
 
+def _gpt2_byte_chars() -> dict[int, str]:
+  """GPT-2's byte -> printable character table, which the `tokenizers` ByteLevel steps use."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+               *range(ord("\xae"), ord("\xff") + 1)]
+  chars, extra = dict(zip(printable, map(chr, printable))), 0
+  for b in range(256):
+    if b not in chars:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return chars
+
+
+def byte_tokenizer_files() -> dict[str, bytes]:
+  """ByteTokenizer as a Hugging Face tokenizer.json (+ tokenizer_config.json) with the same ids:
+  <pad>=0, <s>=1, </s>=2, byte b = b + 3. A byte-level BPE without merges: every byte is one
+  token, so transformers' AutoTokenizer encodes and decodes exactly as ByteTokenizer does."""
+  from tokenizers import AddedToken, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer as HFTokenizerModel  # pylint: disable=g-import-not-at-top
+  specials = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+  vocab = {**specials, **{c: b + BYTE_OFFSET for b, c in _gpt2_byte_chars().items()}}
+  tok = HFTokenizerModel(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+  sidecar = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+             "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+             "model_max_length": 1 << 30,
+             "foundation": "byte tokenizer: <pad>=0, <s>=1, </s>=2, UTF-8 byte b = id b + 3"}
+  return {"tokenizer.json": tok.to_str().encode("utf-8"),
+          HFTokenizer.SIDECAR: json.dumps(sidecar, indent=2).encode("utf-8")}
+
+
 KINDS = {ByteTokenizer: "byte", SentencePieceTokenizer: "sentencepiece", HFTokenizer: "hf"}
 
 
