@@ -173,15 +173,16 @@ class PreparedData:
     splits = []
     for i, source in enumerate(self.sources):
       split = self.split(i, "train")
+      entry = self.manifests[i]["splits"].get("train") or {}
+      documents = entry.get("documents")
+      if documents and entry.get("tokens", 0) <= documents:  # one bos per document, no text
+        raise ValueError(f"{source.where}: no text to train on: the train split holds "
+                         f"{documents} document(s) and no tokens besides their BOS (were the "
+                         f"prepared documents empty?)")
       if split is None or split.rows(self.seq_len) == 0:
         tokens = split.tokens if split else 0
         raise ValueError(f"{source.where}: the train split holds {tokens} tokens, not one row of "
                          f"seq_len={self.seq_len}")
-      documents = self.manifests[i]["splits"]["train"].get("documents")
-      if documents is not None and split.tokens <= documents:  # one bos per document, no text
-        raise ValueError(f"{source.where}: no text to train on: the train split holds "
-                         f"{documents} document(s) and no tokens besides their BOS (were the "
-                         f"prepared documents empty?)")
       splits.append(split)
     return splits
 
