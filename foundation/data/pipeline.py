@@ -92,16 +92,21 @@ class TfDataIterator(iterators.DataIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    error = None
     try:
       batch = _numpy(next(self._iterator))
     except tf.errors.OpError as e:
       error = data_error(e)
       if error is None:
         raise
+    if error is not None:
       # Met mid-run: the trainer's step loop sees it, so it must be the error type the trainer
       # prints as one line (at set-up, e.g. one file whose eval split reads the bad line first,
-      # it already was).
-      raise iterators.input_error(str(error)) from None
+      # it already was). Raised outside the `except`, so that no traceback keeps the failed
+      # tf.data iterator alive, and dropped now: left to the interpreter's last garbage
+      # collection, its py_function threads hang the process at exit.
+      self._iterator = None
+      raise iterators.input_error(str(error))
     if self.first:  # all of one global batch, before this host takes its rows
       self.first = False
       check_first_batch(batch["inputs"], self._tokenizer_specials, self.sources)
