@@ -148,7 +148,8 @@ def test_bad_jsonl_line_met_mid_training_is_one_line(tmp_path):
   result = run_command(
       "foundation.train", "--config", "configs/lm.py:size=test", "--workdir",
       str(tmp_path / "run"), f"--config.data.source=files:{tmp_path}/*.jsonl",
-      "--config.eval.every=0", "--config.steps=40", "--config.log.generate_tokens=0")
+      "--config.eval.every=0", "--config.steps=40", "--config.log.generate_tokens=0",
+      timeout=300)  # before the fix, a traceback and then a hang at exit
   assert result.returncode == 1, result.stderr[-3000:]
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
