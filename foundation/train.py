@@ -31,6 +31,7 @@ from foundation import metrics as metrics_lib
 from foundation import optim
 from foundation import preemption as preemption_lib
 from foundation import step as step_lib
+from foundation import workdir as workdir_lib
 from foundation.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
@@ -132,6 +133,8 @@ def train(config, workdir: str) -> dict:
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
   try:
+    # A tokenizer named relative to the workdir, or moved away since: the workdir's own copy.
+    config.data.tokenizer = workdir_lib.resolve_tokenizer(config.data.tokenizer, workdir)
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     data.check_vocab_size(tokenizer, config)
   except ValueError as e:
