@@ -5,6 +5,8 @@ A config file's `get_config(arg)` receives the text after the colon in
 `key=value` pairs become strings, bare words become `True`.
 """
 
+import difflib
+
 import ml_collections
 
 # The default groups live in the library (foundation/defaults.py), so that a workdir's config and
@@ -26,7 +28,13 @@ def parse_arg(arg: str | None, **defaults) -> dict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(
-          f"config argument '{key}' is unknown; known arguments: {sorted(defaults)} "
-          f"(example: --config configs/lm.py:size=tiny,quick)")
+          f"config argument '{key}' is unknown{did_you_mean(key, defaults)}; known arguments: "
+          f"{sorted(defaults)} (example: --config configs/lm.py:size=tiny,quick)")
     parsed[key] = value.strip() if eq else True
   return parsed
+
+
+def did_you_mean(value: str, known) -> str:
+  """" (did you mean 'tiny'?)" for the closest of `known`, or "" when none is close."""
+  close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1, cutoff=0.5)
+  return f" (did you mean {close[0]!r}?)" if close else ""

@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, size="tiny", quick=False)
   size = args["size"]
   if size not in SIZES:
-    raise ValueError(f"config argument size='{size}' is unknown; sizes: {', '.join(SIZES)}")
+    raise ValueError(f"config argument size={size!r} is unknown{common.did_you_mean(size, SIZES)}; "
+                     f"sizes: {', '.join(SIZES)}")
   batch_size, seq_len, steps, lr = RUNS[size]
 
   config = ml_collections.ConfigDict()

@@ -22,7 +22,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+import ml_collections
 from jax.experimental import multihost_utils
+
+from foundation import workdir as workdir_lib
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -127,7 +130,9 @@ def write_config(workdir: str, config) -> None:
     return
   path = epath.Path(workdir) / "config.json"
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+  # Files kept in the workdir (its tokenizer copy) are named relative to it: the folder can move.
+  portable = workdir_lib.portable(config.to_dict(), workdir)
+  path.write_text(json.dumps(portable, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- restoring, with fallbacks
@@ -297,7 +302,9 @@ def check_same_run(workdir: str, config) -> None:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
-  changed = config_differences(json.loads(path.read_text()), config)
+  saved = workdir_lib.portable(json.loads(path.read_text()), workdir)  # paths compared as stored
+  changed = config_differences(saved, ml_collections.ConfigDict(
+      workdir_lib.portable(config.to_dict(), workdir)))
   if changed:
     raise ValueError(
         f"{workdir} was written by another config; these fields differ from its config.json: "

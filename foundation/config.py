@@ -190,13 +190,26 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+def _config_file_error(message: str) -> str:
+  """config_flags reports an error raised by a config file's get_config (an unknown size=, a
+  mistyped argument) with that file's whole traceback: keep the flag and the error's own line."""
+  import re
+  if "Traceback (most recent call last)" not in message:
+    return message
+  flag = re.match(r"flag (--\S+): Error", message)
+  last = [line for line in message.splitlines() if line.strip()][-1].strip()
+  kind, colon, text = last.partition(": ")
+  last = text if colon and kind.isidentifier() else last  # 'ValueError: ...' -> '...'
+  return f"{flag.group(1)}: {last}" if flag else last
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with one clear line for config mistakes instead of a traceback."""
   from absl import flags
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # a wrong type, a bad value or a bad config file: absl names the flag
-    message = str(e).strip()
+    message = _config_file_error(str(e).strip())
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     message = _unknown_override(argv) or f"{type(e).__name__}: {e}"
   raise SystemExit(f"config error: {message}")

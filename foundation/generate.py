@@ -39,6 +39,7 @@ import numpy as np
 from flax import linen as nn
 
 from foundation import mesh as mesh_lib
+from foundation import workdir as workdir_lib
 from foundation.data import tokenizers
 from foundation.models import transformer
 
@@ -215,21 +216,19 @@ def greedy_continuation(model, params, tokenizer, prompt: str, new_tokens: int,
 # ------------------------------------------------------------------ a workdir, ready to generate
 
 def load_config(workdir: str, overrides: Sequence[str] = ()):
-  """DIR/config.json as a ConfigDict; fields it lacks (older runs) take today's defaults.
+  """DIR/config.json as a ConfigDict; fields it lacks (older runs) take today's defaults. Paths
+  of files kept in the workdir (its tokenizer copy) are resolved against DIR (workdir.resolve),
+  so a moved or copied workdir loads.
 
   overrides: 'a.b=value' strings (value parsed as JSON when it can be, else a string).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from configs import lm  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: --workdir must be a training run's workdir "
-                            f"(or one made by `python -m foundation.hf import`)")
-  with open(path) as f:
-    saved = json.load(f)
+  saved = workdir_lib.read(workdir)
   config = lm.get_config(f"size={saved.get('size', 'tiny')}").to_dict()
   _merge(config, saved)
-  return ml_collections.ConfigDict(apply_overrides(config, overrides))
+  return ml_collections.ConfigDict(
+      workdir_lib.resolve(apply_overrides(config, overrides), workdir))
 
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:

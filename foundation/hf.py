@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from foundation.data import tokenizers
 from foundation.models import transformer
 
 # model_type -> the HF class our architecture matches.
@@ -54,8 +55,17 @@ class WeightShapeError(ValueError):
 # ------------------------------------------------------------------ config.json <-> ModelConfig
 
 def read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  """A JSON object file; one-line errors naming it when it is missing or not a JSON object."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: no such file") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+  return value
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
@@ -81,7 +91,8 @@ def model_fields(hf: dict) -> dict:
   if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
     raise UnsupportedModelError(
         f"config.json: attention_bias={hf.get('attention_bias')}, mlp_bias={hf.get('mlp_bias')}:"
-        f" Llama biases on o_proj or the MLP are not supported (only Qwen2's q/k/v biases)")
+        f" Llama's attention_bias puts biases on q_proj, k_proj, v_proj and o_proj (mlp_bias on "
+        f"the MLP); foundation has q/k/v biases only (Qwen2's layout), none on o_proj or the MLP")
   if model_type == "qwen2" and hf.get("use_sliding_window"):
     raise UnsupportedModelError("config.json: Qwen2 use_sliding_window=true (sliding attention "
                                 "on some layers only) is not supported")
@@ -224,6 +235,8 @@ def _names(mapping: Mapping, n_layers: int) -> list[str]:
 
 def checkpoint_files(source: str) -> tuple[list[str], str]:
   """(safetensors files, config.json path) of an HF checkpoint folder, file or index."""
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"--source {source}: no such file or folder")
   folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
   config = os.path.join(folder, "config.json")
   if os.path.isdir(source):
@@ -240,8 +253,15 @@ def checkpoint_files(source: str) -> tuple[list[str], str]:
           f"{found[:10]}); foundation reads safetensors only: convert a pytorch_model.bin with "
           f"transformers' save_pretrained(..., safe_serialization=True)")
   if source.endswith(".json"):
-    shards = sorted(set(read_json(source)["weight_map"].values()))
+    weight_map = read_json(source).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{source} has no 'weight_map' object: it is not a safetensors index")
+    shards = sorted(set(weight_map.values()))
     files = [os.path.join(folder, s) for s in shards]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise FileNotFoundError(f"{missing[0]}: no such file, though {source} lists it "
+                              f"({len(missing)} of {len(files)} shards missing)")
   else:
     files = [source]
   if not os.path.exists(config):
@@ -256,7 +276,11 @@ class Weights:
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     self.where, self._open = {}, {}
     for path in files:
-      self._open[path] = safe_open(path, framework="np")
+      try:
+        self._open[path] = safe_open(path, framework="np")
+      except Exception as e:  # pylint: disable=broad-except  # safetensors' own error type
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else 'no detail'})") from None
       for name in self._open[path].keys():
         self.where[name] = path
 
@@ -512,6 +536,13 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
   files = export_params(params, cfg, out_dir, dtype=dtype,
                         model_type=model_type, max_shard_bytes=max_shard_bytes,
                         bos_id=tok.bos_id, eos_id=tok.eos_id)
+  if jax.process_index() == 0 and isinstance(tok, tokenizers.ByteTokenizer):
+    # No file to copy: describe the byte ids as a tokenizer.json that transformers reads.
+    for name, contents in tokenizers.byte_tokenizer_files().items():
+      with open(os.path.join(out_dir, name), "wb") as f:
+        f.write(contents)
+      files.append(name)
+    return files
   for name in TOKENIZER_FILES:
     if os.path.exists(os.path.join(workdir, name)) and jax.process_index() == 0:
       shutil.copy(os.path.join(workdir, name), os.path.join(out_dir, name))

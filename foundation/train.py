@@ -32,6 +32,7 @@ from foundation import metrics as metrics_lib
 from foundation import preemption as preemption_lib
 from foundation import registry
 from foundation import step as step_lib
+from foundation import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
                                           lock_config=True)
@@ -120,6 +121,9 @@ def train(config, workdir: str) -> dict:
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
   try:  # the task's tokenizer (text tasks; None for others), checked against the vocabulary
+    if "tokenizer" in config.get("data", {}):
+      # A tokenizer named relative to the workdir, or moved away since: the workdir's own copy.
+      config.data.tokenizer = workdir_lib.resolve_tokenizer(config.data.tokenizer, workdir)
     tokenizer = step_lib.make_task(config).tokenizer()
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None

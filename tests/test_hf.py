@@ -269,3 +269,35 @@ def test_hf_tokenizer_json(tmp_path):
     json.dump({"bos_token": None, "eos_token": {"content": "<|eot_id|>"}}, f)
   ours = data.make_tokenizer(path)
   assert (ours.bos_id, ours.eos_id) == (0, 2)  # no bos named: the usual name still found
+
+
+def test_damaged_import_sources_are_one_line_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"^--source .*nowhere: no such file or folder$"):
+    hf.checkpoint_files(str(tmp_path / "nowhere"))
+  folder = broken_copy(tmp_path, "llama_gqa")
+  with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+    f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+  with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file"):
+    load_from(folder)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    f.write("{")
+  with pytest.raises(ValueError, match=r"config.json is not JSON"):
+    hf.read_json(os.path.join(folder, "config.json"))
+  llama = hf.read_json(os.path.join(FIXTURES, "llama_gqa", "config.json"))
+  with pytest.raises(hf.UnsupportedModelError, match=r"q_proj, k_proj, v_proj and o_proj"):
+    hf.model_fields({**llama, "attention_bias": True})
+
+
+def test_byte_tokenizer_export_describes_the_ids(tmp_path):
+  tokenizers = pytest.importorskip("tokenizers")
+  files = data.tokenizers.byte_tokenizer_files()
+  tok = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode())
+  ours = data.ByteTokenizer()
+  for text in ["def f(x):\n\treturn x", "héllo ✓ 日本 🙂", " "]:
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert ids == ours.encode(text) and tok.decode(ids) == text
+  assert [tok.token_to_id(t) for t in ("<pad>", "<s>", "</s>")] == [0, 1, 2]
+  for name, contents in files.items():
+    (tmp_path / name).write_bytes(contents)
+  again = data.make_tokenizer(str(tmp_path / "tokenizer.json"))  # and foundation reads it back
+  assert (again.pad_id, again.bos_id, again.eos_id, again.vocab_size) == (0, 1, 2, 259)

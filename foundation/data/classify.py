@@ -301,6 +301,9 @@ class ClassifyData:
     train, evals, source_names, self.identity = read_splits(config)
     self.names = label_names(config, train + evals, source_names)
     self.train = self._encode(config, train)
+    if all(len(t) <= 2 for t in self.train[0]):  # [bos, eos]: nothing to classify
+      raise ValueError(f"classify.train_path={c.train_path!r}: no text to classify: the text "
+                       f"field {c.text_field!r} is empty in all {len(train)} train examples")
     self.eval = self._encode(config, evals)
 
   def _encode(self, config, records: list) -> tuple[list[np.ndarray], np.ndarray]:

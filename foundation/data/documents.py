@@ -261,6 +261,48 @@ def all_documents(config, source: sources.Source, split: str, checked: bool = Tr
                          checked=checked, split=split)
 
 
+# check_has_text reads at most this many documents (stopping at the first with text), so a large
+# source costs one document at set-up; a source that is all empty beyond it is caught by the
+# first batch (pipeline.check_first_batch).
+PEEK_DOCUMENTS = 1000
+
+
+def _train_split_of(config, source: sources.Source) -> tuple[str, bool]:
+  """('3 jsonl file(s)' or "split 'train'", whether documents are a field of a record)."""
+  if source.kind == "tfds":
+    return f"split {config.data.train_split!r}", True
+  paths = sources.file_split(config, "train", source)
+  fmt = sources.file_format(config, source, paths)
+  return f"{len(paths)} {fmt} file(s)", fmt != "text"
+
+
+def check_has_text(config, source: sources.Source) -> None:
+  """Raises ValueError, naming the source, when its train documents hold no text to learn from:
+  no documents at all (empty JSONL/TFRecord files, an empty TFDS split), or only empty or
+  whitespace-only ones (empty files, empty text fields). Reads documents in order only until the
+  first one with text, at most PEEK_DOCUMENTS."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  records = all_documents(config, source, "train", checked=False).take(PEEK_DOCUMENTS)
+  has_text = records.map(lambda d: tf.logical_and(
+      d["valid"], tf.strings.length(tf.strings.strip(d["text"])) > 0))
+  seen = 0
+  try:
+    for text in has_text.as_numpy_iterator():
+      if text:
+        return
+      seen += 1
+  except tf.errors.OpError:
+    return  # a malformed document: the pipeline reports it, naming the file and line
+  if seen == PEEK_DOCUMENTS:
+    return  # a source this large is checked by its first batch instead
+  split, fields = _train_split_of(config, source)
+  what = ("no documents" if seen == 0 else
+          f"{seen} document(s), all empty, whitespace-only or not UTF-8 text")
+  field = f" (field data.text_feature={config.data.text_feature!r})" if seen and fields else ""
+  raise ValueError(f"{source.where}: no text to train on: the train split ({split}) holds "
+                   f"{what}{field}")
+
+
 def iterate_train_documents(config, max_docs: int = 0):
   """Yields train documents as Python strings (for tokenizer training): at most max_docs in all,
   shared among a mixture's sources by weight."""

@@ -23,6 +23,14 @@ def state_prefix(directory: str, process_index: int, process_count: int) -> str:
   return os.path.join(directory, f"process_{process_index}of{process_count}")
 
 
+def input_error(message: str) -> ValueError:
+  """The error for bad input met while training (a malformed line, a damaged shard): a
+  foundation.config.ConfigError, which the trainer prints as one line, as it does the same
+  error met while setting up. (Imported here, lazily: foundation.config imports JAX.)"""
+  from foundation import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.ConfigError(message)
+
+
 def host_count_error(saved_count: int, process_count: int, source: str, where: str) -> ValueError:
   return ValueError(
       f"{where} holds the input position of {saved_count} process(es), but this run has "

@@ -61,6 +61,15 @@ def data_error(error) -> ValueError | None:
   return ValueError(text.rstrip("]").strip())
 
 
+def check_first_batch(inputs: np.ndarray, specials, source_list) -> None:
+  """The first batch holds some token besides the tokenizer's specials (BOS/EOS/pad): a source
+  too large for documents.check_has_text to read whole that is empty is caught here."""
+  if specials and np.isin(inputs, list(specials)).all():
+    raise iterators.input_error(
+        f"no text to train on: the first batch of {', '.join(s.where for s in source_list)} "
+        f"holds only BOS/EOS tokens ({inputs.size} of them): its documents are empty")
+
+
 def _numpy(element) -> dict[str, np.ndarray]:
   return {name: value.numpy() for name, value in element.items()}
 
@@ -70,7 +79,7 @@ class TfDataIterator(iterators.DataIterator):
   the rows drawn per source so far (for the realised mixture)."""
 
   def __init__(self, dataset, process_index: int, process_count: int, source_list,
-               description: dict, host_rows: slice | None = None):
+               description: dict, host_rows: slice | None = None, specials=()):
     self.process_index, self.process_count = process_index, process_count
     self.dataset = dataset
     self.host_rows = host_rows  # this host's rows of each global batch (global pipelines)
@@ -78,16 +87,29 @@ class TfDataIterator(iterators.DataIterator):
     self.rows_per_source = np.zeros(len(source_list), np.int64)
     self._description = description
     self._iterator = iter(dataset)
+    self.first = True
+    self._tokenizer_specials = specials
 
   def __next__(self) -> dict[str, np.ndarray]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    error = None
     try:
       batch = _numpy(next(self._iterator))
     except tf.errors.OpError as e:
       error = data_error(e)
       if error is None:
         raise
-      raise error from None
+    if error is not None:
+      # Met mid-run: the trainer's step loop sees it, so it must be the error type the trainer
+      # prints as one line (at set-up, e.g. one file whose eval split reads the bad line first,
+      # it already was). Raised outside the `except`, so that no traceback keeps the failed
+      # tf.data iterator alive, and dropped now: left to the interpreter's last garbage
+      # collection, its py_function threads hang the process at exit.
+      self._iterator = None
+      raise iterators.input_error(str(error))
+    if self.first:  # all of one global batch, before this host takes its rows
+      self.first = False
+      check_first_batch(batch["inputs"], self._tokenizer_specials, self.sources)
     if self.host_rows is not None:
       batch = {name: value[self.host_rows] for name, value in batch.items()}
     self.rows_per_source += np.bincount(batch.pop("source"), minlength=len(self.sources))
@@ -214,6 +236,8 @@ def make_train_iterator(config, process_index: int,
   # Per host: each host reads its own share and batches it. Global, when no source has enough
   # files to split (or on one host): every host runs the one pipeline of global batches and keeps
   # its rows of each, so batches and positions do not depend on the host count.
+  for source in source_list:  # a source with nothing to learn from would train on BOS/EOS alone
+    documents.check_has_text(config, source)
   per_host = any(documents.splits_by_host(config, s, process_count) for s in source_list)
   counts = mixture.slot_counts([s.weight for s in source_list])
   rows = mixture.choose(
@@ -230,7 +254,8 @@ def make_train_iterator(config, process_index: int,
       batches.with_options(_options()), process_index, process_count, source_list,
       describe(config, tokenizer, source_list, process_count,
                "tf.data" if per_host else "tf.data-global"),
-      host_rows=None if per_host else slice(first, first + host_batch))
+      host_rows=None if per_host else slice(first, first + host_batch),
+      specials={tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id})
 
 
 def _tf_eval_rows(config, tokenizer, source_list, limit: int) -> list[dict[str, np.ndarray]]:

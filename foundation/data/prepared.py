@@ -173,6 +173,12 @@ class PreparedData:
     splits = []
     for i, source in enumerate(self.sources):
       split = self.split(i, "train")
+      entry = self.manifests[i]["splits"].get("train") or {}
+      documents = entry.get("documents")
+      if documents and entry.get("tokens", 0) <= documents:  # one bos per document, no text
+        raise ValueError(f"{source.where}: no text to train on: the train split holds "
+                         f"{documents} document(s) and no tokens besides their BOS (were the "
+                         f"prepared documents empty?)")
       if split is None or split.rows(self.seq_len) == 0:
         tokens = split.tokens if split else 0
         raise ValueError(f"{source.where}: the train split holds {tokens} tokens, not one row of "
@@ -223,7 +229,7 @@ class PreparedIterator(iterators.DataIterator):
       rows = shuffled_rows(within[chosen], self.num_rows[k], d.seed, int(k))
       windows[chosen] = self.splits[k].windows(rows, d.seq_len)
     if windows.max() >= d.vocab_size:  # a damaged shard must not index past the embedding
-      raise ValueError(f"prepared data holds token id {windows.max()} >= model.vocab_size="
+      raise iterators.input_error(f"prepared data holds token id {windows.max()} >= model.vocab_size="
                        f"{d.vocab_size} (rows at global position {start})")
     self.position += self.host_batch * self.process_count
     return packing.finish_rows(**packing.stream_rows(windows, d.bos_id, d.eos_id))

@@ -231,6 +231,9 @@ def make_sft_iterator(config, process_index: int,
   tokenizer = _tokenizer(config)
   records, paths = read_split(config, "train")
   examples, cut = tokenize(records, tokenizer, config.seq_len, config.sft.overlong)
+  if not any((e.ids[e.trained] != tokenizer.eos_id).any() for e in examples):
+    raise ValueError(f"sft.train_path={config.sft.train_path!r}: no text to train on: the "
+                     f"assistant answers of all {len(examples)} train records are empty")
   if cut and process_index == 0:
     print(f"sft: {cut} of {len(examples)} train examples are longer than seq_len="
           f"{config.seq_len}; their answers are cut (sft.overlong='truncate')")

@@ -95,7 +95,14 @@ class SentencePieceTokenizer(InGraphEncoding):
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     self.path = path
     self.model_proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except (RuntimeError, TypeError, ValueError) as e:  # sentencepiece's parse failure
+      del e  # sentencepiece's text is its C++ source line, not the reason
+      raise ValueError(f"data.tokenizer={path!r} is not a SentencePiece model (its "
+                       f"{len(model_proto)} bytes do not parse as one); use 'byte', a Hugging "
+                       f"Face tokenizer.json or a .model file from `python -m "
+                       f"foundation.tokenizer`") from None
     specials = {"pad": (self._sp.pad_id(), PAD_ID), "bos": (self._sp.bos_id(), BOS_ID),
                 "eos": (self._sp.eos_id(), EOS_ID)}
     wrong = {name: got for name, (got, want) in specials.items() if got != want}
@@ -140,11 +147,19 @@ class HFTokenizer(InGraphEncoding):
     try:
       self._tok = Tokenizer.from_str(self.json_bytes.decode("utf-8"))
     except Exception as e:  # the tokenizers package raises its own exception type
-      raise ValueError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json: {e}") from None
+      reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+      raise ValueError(f"data.tokenizer={path!r} is not a Hugging Face tokenizer.json: "
+                       f"{reason}") from None
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     named = {}
     if self.sidecar_bytes is not None:
-      sidecar = json.loads(self.sidecar_bytes)
+      try:
+        sidecar = json.loads(self.sidecar_bytes)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{side} (beside data.tokenizer={path!r}) is not JSON ({e}); fix or "
+                         f"remove it") from None
+      if not isinstance(sidecar, dict):
+        raise ValueError(f"{side} (beside data.tokenizer={path!r}) is not a JSON object")
       for kind in self.NAMES:
         token = sidecar.get(f"{kind}_token")
         named[kind] = token.get("content") if isinstance(token, dict) else token
@@ -219,6 +234,38 @@ def files(tokenizer: Tokenizer) -> dict[str, bytes]:
       out[HFTokenizer.SIDECAR] = tokenizer.sidecar_bytes
     return out
   return {}
+
+
+def _gpt2_byte_chars() -> dict[int, str]:
+  """GPT-2's byte -> printable character table, which the `tokenizers` ByteLevel steps use."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+               *range(ord("\xae"), ord("\xff") + 1)]
+  chars, extra = dict(zip(printable, map(chr, printable))), 0
+  for b in range(256):
+    if b not in chars:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return chars
+
+
+def byte_tokenizer_files() -> dict[str, bytes]:
+  """ByteTokenizer as a Hugging Face tokenizer.json (+ tokenizer_config.json) with the same ids:
+  <pad>=0, <s>=1, </s>=2, byte b = b + 3. A byte-level BPE without merges: every byte is one
+  token, so transformers' AutoTokenizer encodes and decodes exactly as ByteTokenizer does."""
+  from tokenizers import AddedToken, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer as HFTokenizerModel  # pylint: disable=g-import-not-at-top
+  specials = {"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID}
+  vocab = {**specials, **{c: b + BYTE_OFFSET for b, c in _gpt2_byte_chars().items()}}
+  tok = HFTokenizerModel(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+  sidecar = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+             "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+             "model_max_length": 1 << 30,
+             "foundation": "byte tokenizer: <pad>=0, <s>=1, </s>=2, UTF-8 byte b = id b + 3"}
+  return {"tokenizer.json": tok.to_str().encode("utf-8"),
+          HFTokenizer.SIDECAR: json.dumps(sidecar, indent=2).encode("utf-8")}
 
 
 KINDS = {ByteTokenizer: "byte", SentencePieceTokenizer: "sentencepiece", HFTokenizer: "hf"}

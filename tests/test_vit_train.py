@@ -1,0 +1,124 @@
+"""The ViT family through the generic core: the trainer learns the embedded shapes, a sharded step
+equals the one-device step, resume is bit-identical, and bad image configs are one-line errors."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import vit as vit_configs
+from foundation import build as build_lib
+from foundation import mesh as mesh_lib
+from foundation.data import image_input
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(workdir, *extra, config="configs/vit.py:size=test"):
+  return subprocess.run(
+      [sys.executable, "-m", "foundation.train", "--config", config, "--workdir", str(workdir),
+       *extra],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _records(workdir, split):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if l.strip()]
+  return {l["step"]: l for l in lines if l.get("split") == split}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("vit") / "run"
+  result = _train(workdir)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return workdir, result.stdout
+
+
+def test_the_trainer_learns_the_embedded_shapes(uninterrupted):
+  workdir, stdout = uninterrupted
+  assert "vit model, task image_classify" in stdout
+  evals = _records(workdir, "eval")
+  first, last = evals[0], evals[max(evals)]
+  assert last["loss"] < 0.8 * first["loss"], (first, last)
+  assert last["accuracy"] > 0.2  # 10 classes: chance is 0.1 (the full demo reaches >= 0.9)
+  train = _records(workdir, "train")
+  assert "patches_per_sec" in train[max(train)] and "examples_per_sec" in train[max(train)]
+
+
+def test_resume_is_bit_identical(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  part = tmp_path / "part"
+  assert _train(part, "--config.steps=20").returncode == 0
+  resumed = _train(part)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert "resumed from the checkpoint at step 20" in resumed.stdout
+  whole, parts = _records(workdir, "train"), _records(part, "train")
+  steps = [s for s in whole if s > 20]
+  assert steps and all(parts[s]["loss"] == whole[s]["loss"] for s in steps)
+  assert _records(part, "eval")[40]["accuracy"] == _records(workdir, "eval")[40]["accuracy"]
+
+
+# ---------------------------------------------------------------- sharding
+
+def make_config(**mesh):
+  config = vit_configs.get_config("size=test")
+  with config.unlocked():
+    config.optim.warmup_steps = 0
+    config.optim.eps = 1e-3  # the update follows the gradient (see tests/test_sharding.py)
+    config.batch_size = 16
+    for axis in mesh_lib.AXES:
+      config.mesh[axis] = mesh.get(axis, 1)
+  return config
+
+
+def one_step(config, devices):
+  built = build_lib.build(config, devices)
+  state = built.init_state()
+  initial = jax.device_get(state["params"])
+  train_step, _ = built.jit_steps()
+  batch = next(image_input.make_train_iterator(config, 0, 1))
+  with built.context():
+    state, metrics = train_step(state, built.global_batch(batch))
+  return float(metrics["loss"]), initial, jax.device_get(state["params"])
+
+
+@functools.cache
+def reference():
+  return one_step(make_config(), jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "fsdp8", "data2-fsdp2-tensor2"])
+def test_a_sharded_step_equals_the_one_device_step(mesh):
+  ref_loss, initial, ref_params = reference()
+  loss, _, params = one_step(make_config(**mesh), jax.devices())
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, initial)
+  assert min(jax.tree.leaves(moved)) > 1e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+               params, ref_params)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.data.image_size=30", "data.image_size=30 (image height 30) is not divisible by "
+                                     "model.patch_size=8"),
+    ("--config.model.family=vitt", "model.family='vitt' is not a registered family; did you mean "
+                                   "'vit'"),
+    ("--config.data.pp_train=decode|flip_lrr", "did you mean 'flip_lr'"),
+    ("--config.model.num_heads=3", "model.width=32 is not divisible by model.num_heads=3"),
+])
+def test_bad_image_configs_are_one_line_errors(tmp_path, override, message):
+  result = _train(tmp_path / "bad", override)
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("config error:") and message in last, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "bad" / "checkpoints").exists()
