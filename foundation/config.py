@@ -152,11 +152,12 @@ def validate(config, devices, process_count: int) -> None:
 
 
 # ---------------------------------------------------------------- command-line parsing
-def _load_config_file(spec: str):
-  """Loads `path.py[:args]` the way --config does (only to explain a parse error)."""
+def load_config_file(spec: str):
+  """Loads `path.py[:args]` the way --config does (a parse error's explanation, hf import's
+  template)."""
   import importlib.util
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_for_errors", path)
+  module_spec = importlib.util.spec_from_file_location("_config_file", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
@@ -171,7 +172,7 @@ def _unknown_override(argv: list[str]) -> str | None:
     spec = argv[i + 1] if 0 <= i < len(argv) - 1 else None
   if spec is None:
     return None
-  config = _load_config_file(spec)
+  config = load_config_file(spec)
   for arg in argv:
     if not arg.startswith("--config."):
       continue

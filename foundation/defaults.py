@@ -161,3 +161,15 @@ def run_config(steps: int, batch_size: int, lr: float) -> ml_collections.ConfigD
   config.log = log_config()
   config.log.generate_tokens = 0   # only text tasks sample at the end
   return config
+
+
+def completion() -> dict:
+  """What a workdir's config.json written before a field existed is completed with: the default
+  groups, the decoder family and the 'lm' task (the only ones there were). Model fields a family
+  adds later take their dataclass defaults when the model is built."""
+  return {"task": "lm", "grad_accum": 1, "resume": "auto", "init_from": "",
+          "init_from_partial": False, "model": {"family": "decoder"},
+          "mesh": mesh_config().to_dict(), "optim": optim_config().to_dict(),
+          "data": data_config().to_dict(), "checkpoint": checkpoint_config().to_dict(),
+          "eval": eval_config().to_dict(), "evaluate": evaluate_config().to_dict(),
+          "guard": guard_config().to_dict(), "log": log_config().to_dict()}

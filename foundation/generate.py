@@ -216,16 +216,17 @@ def greedy_continuation(model, params, tokenizer, prompt: str, new_tokens: int,
 # ------------------------------------------------------------------ a workdir, ready to generate
 
 def load_config(workdir: str, overrides: Sequence[str] = ()):
-  """DIR/config.json as a ConfigDict; fields it lacks (older runs) take today's defaults. Paths
-  of files kept in the workdir (its tokenizer copy) are resolved against DIR (workdir.resolve),
-  so a moved or copied workdir loads.
+  """DIR/config.json as a ConfigDict. The file describes the run whole (family, task and every
+  field); groups an older run's file lacks take foundation/defaults.py's values, never an LM
+  template. Paths of files kept in the workdir (its tokenizer copy) are resolved against DIR
+  (workdir.resolve), so a moved or copied workdir loads.
 
   overrides: 'a.b=value' strings (value parsed as JSON when it can be, else a string).
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from configs import lm  # pylint: disable=g-import-not-at-top
+  from foundation import defaults  # pylint: disable=g-import-not-at-top
   saved = workdir_lib.read(workdir)
-  config = lm.get_config(f"size={saved.get('size', 'tiny')}").to_dict()
+  config = defaults.completion()
   _merge(config, saved)
   return ml_collections.ConfigDict(
       workdir_lib.resolve(apply_overrides(config, overrides), workdir))
@@ -387,9 +388,10 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
   """The model of `workdir` (config.json + a checkpoint's params), sharded on this host's devices."""
   mesh_lib.initialize_distributed()
   config = load_config(workdir, overrides)
-  model = transformer.Transformer(transformer.ModelConfig.from_config(config.model))
-  mesh = mesh_lib.make_mesh(config.mesh)
-  params, step = restore_params(workdir, abstract_params(model, config, mesh), step)
+  from foundation import build as build_lib  # pylint: disable=g-import-not-at-top
+  built = build_lib.build(config)
+  model, mesh = built.model, built.mesh
+  params, step = restore_params(workdir, built.abstract_state["params"], step)
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
   labels = label_names(workdir, config) if config.model.get("num_classes", 0) > 0 else None
   return Session(config, model, params, tokenizer, mesh, step, labels)

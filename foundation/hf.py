@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from foundation import config as config_lib
 from foundation.data import tokenizers
 from foundation.models import transformer
 
@@ -446,11 +447,23 @@ def export_params(params, cfg: transformer.ModelConfig, out_dir: str, *, dtype: 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def import_config(hf: dict, template: str = "tiny", dtype: str = "bfloat16",
+def template_config(template):
+  """The run config whose settings (batch, optimizer, data, mesh) an imported model takes: a
+  ConfigDict as is, a config file spec ('configs/lm.py:size=tiny'), or a bare size name of the
+  project's configs/lm.py. Loaded by path, as --config is: the library imports no config."""
+  if not isinstance(template, str):
+    return template.copy_and_resolve_references()
+  spec = template if ".py" in template else (
+      f"{os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'lm.py')}"
+      f":size={template}")
+  return config_lib.load_config_file(spec)
+
+
+def import_config(hf: dict, template="tiny", dtype: str = "bfloat16",
                   tokenizer: str | None = None):
-  """Our run config for an HF model: configs/lm.py `size=template` with the model fields of `hf`."""
-  from configs import lm  # pylint: disable=g-import-not-at-top
-  config = lm.get_config(f"size={template}")
+  """Our run config for an HF model: the template's run settings (`template_config`) with the
+  model fields of `hf`."""
+  config = template_config(template)
   with config.unlocked():
     config.model.update(model_fields(hf))
     config.model.dtype = dtype
@@ -471,11 +484,9 @@ def import_checkpoint(source: str, workdir: str, *, template: str = "tiny",
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from foundation import build as build_lib  # pylint: disable=g-import-not-at-top
   from foundation import checkpoint  # pylint: disable=g-import-not-at-top
   from foundation import generate  # pylint: disable=g-import-not-at-top
-  from foundation import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from foundation import optim  # pylint: disable=g-import-not-at-top
-  from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
   files, config_path = checkpoint_files(source)
   hf = read_json(config_path)
   if "://" in workdir:
@@ -494,10 +505,9 @@ def import_checkpoint(source: str, workdir: str, *, template: str = "tiny",
     tokenizer = os.path.join(workdir, "tokenizer.json")
   config = ml_collections.ConfigDict(generate.apply_overrides(
       import_config(hf, template, dtype, tokenizer).to_dict(), overrides))
-  model = transformer.Transformer(transformer.ModelConfig.from_config(config.model))
-  mesh = mesh_lib.make_mesh(config.mesh)
-  optimizer = optim.make_optimizer(config)
-  abstract, shardings = step_lib.state_shardings(model, optimizer, config, mesh)
+  built = build_lib.build(config)
+  model, optimizer = built.model, built.optimizer
+  abstract, shardings = built.abstract_state, built.state_shardings
   params = load_params(source, model.cfg, abstract["params"])
   state = {"step": jax.device_put(np.zeros((), np.int32), shardings["step"]), "params": params}
   if not params_only:  # the trainer's state: a fresh optimizer, laid out as training lays it
@@ -558,8 +568,9 @@ def _define_flags():
   flags.DEFINE_string("out", None, "export: the folder for safetensors + config.json.")
   flags.DEFINE_string("dtype", None, "import: compute dtype (default bfloat16); export: the "
                       "safetensors dtype (default float32).")
-  flags.DEFINE_string("template", "tiny", "import: configs/lm.py size whose run settings "
-                      "(batch, optimizer, data, mesh) the new workdir's config.json takes.")
+  flags.DEFINE_string("template", "tiny", "import: a configs/lm.py size, or a config file spec "
+                      "(configs/lm.py:size=1b), whose run settings (batch, optimizer, data, mesh) "
+                      "the new workdir's config.json takes.")
   flags.DEFINE_bool("params_only", False, "import: save no optimizer state.")
   flags.DEFINE_multi_string("override", [], "import: a config field, e.g. mesh.tensor=2.")
   flags.DEFINE_integer("step", None, "export: checkpoint step (default: the latest).")
