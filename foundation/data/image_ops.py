@@ -172,7 +172,7 @@ def compose(spec: str, field: str = "pp") -> Callable[[tf.Tensor, tf.Tensor], tf
       raise ValueError(f"{field}={spec!r}: {name}{args or ''}: {e}") from None
 
   def fn(image, seed):
-    seed = tf.convert_to_tensor(seed, tf.int64)
+    image, seed = tf.convert_to_tensor(image), tf.convert_to_tensor(seed, tf.int64)
     for i, op in enumerate(ops):
       image = op(image, tf.random.experimental.stateless_fold_in(seed, i))
     return image

@@ -38,7 +38,7 @@ IMAGE_RULES = (("height", None), ("width", None), ("channels", None))
 # name: (width, depth, heads, mlp_dim). Ti..H are the ViT paper's (and big_vision's) widths.
 SIZES = {
     "test": (32, 2, 2, 64),      # exercises every path in a second on a CPU
-    "tiny": (96, 4, 3, 192),     # the CPU demo on the embedded shapes (see tests/test_vit.py)
+    "tiny": (64, 4, 4, 128),     # the CPU demo on the embedded shapes (see tests/test_vit.py)
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
@@ -120,7 +120,7 @@ def model_config(size: str, **overrides) -> dict:
     raise ValueError(f"ViT size {size!r} is unknown; sizes: {', '.join(SIZES)}")
   width, depth, heads, mlp = SIZES[size]
   fields = dict(family="vit", width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
-                patch_size=4 if size in ("test", "tiny") else 16, num_classes=1000, pool="cls",
+                patch_size=8 if size in ("test", "tiny") else 16, num_classes=1000, pool="cls",
                 posemb="learn", dropout=0.0, norm_eps=1e-6, dtype="float32",
                 param_dtype="float32", attention="xla", scan_layers=True, remat_policy="none")
   fields.update(overrides)
