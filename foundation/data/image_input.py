@@ -324,7 +324,6 @@ class TfdsIterator(iterators.DataIterator):
 
   def __init__(self, config, process_index: int, process_count: int):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from foundation.data import image_ops  # pylint: disable=g-import-not-at-top
     from foundation.data import pipeline  # pylint: disable=g-import-not-at-top
     self.process_index, self.process_count = process_index, process_count
     host_batch = pipeline.host_batch_size(config, process_count)
@@ -342,7 +341,6 @@ class TfdsIterator(iterators.DataIterator):
       return {"image": tf.ensure_shape(image, pp.shape), "label": tf.cast(label, tf.int32),
               "label_mask": tf.constant(1, tf.int32)}
 
-    del image_ops
     ds = _tfds_dataset(config, builder, config.data.train_split).shard(process_count,
                                                                         process_index)
     # Shuffle after repeat: the buffer flows across epoch ends (no stall at each epoch's tail).
@@ -376,7 +374,8 @@ class TfdsIterator(iterators.DataIterator):
     prefix = self._prefix(directory)
     if not tf.io.gfile.exists(prefix + ".index"):
       found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
-      raise iterators.missing_state_error(directory, prefix, found, self._description["sources"][0][0])
+      raise iterators.missing_state_error(directory, prefix, found,
+                                          self._description["sources"][0][0])
     tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
     with tf.io.gfile.GFile(prefix + ".json") as f:
       self.steps = json.loads(f.read())["steps"]

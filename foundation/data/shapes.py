@@ -16,7 +16,7 @@ import numpy as np
 CLASS_NAMES = ("circle", "square", "triangle", "plus", "ring", "frame", "diamond", "x",
                "hbar", "vbar")
 NUM_CLASSES = len(CLASS_NAMES)
-NUM_TRAIN = 10_000
+NUM_TRAIN = 20_000
 NUM_EVAL = 1_000
 IMAGE_SIZE = 32
 _SPLITS = {"train": 0, "eval": 1}
@@ -63,7 +63,7 @@ def draw(labels: np.ndarray, rng: np.random.Generator, image_size: int = IMAGE_S
 
 def _draw(labels: np.ndarray, rng: np.random.Generator, image_size: int) -> np.ndarray:
   n, s = len(labels), image_size
-  half = rng.uniform(0.2, 0.45, n) * s                        # the shape's half-extent, pixels
+  half = rng.uniform(0.25, 0.45, n) * s                       # the shape's half-extent, pixels
   centre = rng.uniform(half[:, None], s - half[:, None], (n, 2))   # the whole shape is inside
   background = rng.uniform(0, 255, (n, 3))
   colour = rng.uniform(0, 255, (n, 3))

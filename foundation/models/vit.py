@@ -17,7 +17,6 @@ them (replicated).
 """
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -170,7 +169,8 @@ class Attention(nn.Module):
     k = layers.Dense(cfg, heads, names, use_bias=True, name="k")(kv)
     v = layers.Dense(cfg, heads, names, use_bias=True, name="v")(kv)
     q, k, v = (nn.with_logical_constraint(a, layers.Q_HEADS) for a in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)  # no mask: all see all
+    # No mask: every token sees every token (an encoder).
+    out = jax.nn.dot_product_attention(q, k, v, implementation=cfg.attention)
     out = nn.with_logical_constraint(out, layers.Q_HEADS)
     return layers.Dense(cfg, (cfg.width,), ("heads", "head_dim", "embed"), n_in=2, use_bias=True,
                         name="o")(out)
