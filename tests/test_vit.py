@@ -201,7 +201,7 @@ def test_short_training_learns_the_shapes():
   result = train_shapes("tiny", steps=200, batch=64, num_train=2000, lr=2e-3, num_eval=500)
   print(result)
   assert result["last_loss"] < 0.88 * result["first_loss"]
-  assert result["top1"] > 0.2  # chance is 0.1 (measured: 0.27 after these 200 steps)
+  assert result["top1"] > 0.2  # chance is 0.1 (measured: 0.32 after these 200 steps)
 
 
 if __name__ == "__main__":
