@@ -1,0 +1,384 @@
+"""Image classification input: batches {'image': float32 [b, H, W, C], 'label': int32 [b],
+'label_mask': int32 [b]} (b = batch_size / process_count) from `data.source`:
+
+  'embedded'    the shapes drawn by shapes.py (offline; data.num_train / data.num_eval images)
+  'tfds:NAME'   a prepared TFDS dataset: features data.image_feature / data.label_feature, splits
+                data.train_split / data.eval_split, under data.tfds_data_dir
+  'files:DIR'   one sub-folder per class (class ids: the sorted folder names) of image files
+                (JPEG, PNG, GIF, BMP); eval reads DIR/<data.eval_split>/ when it exists, else holds
+                out data.eval_fraction of each class's files (by name hash)
+
+Preprocessing is image_ops chains: data.pp_train on train examples, data.pp_eval on eval ones;
+their output must be [image_size, image_size, channels].
+
+Train positions resume exactly. Embedded and files sets live in memory (files: their encoded
+bytes) and use examples.EpochIterator: epoch e is a keyed shuffle of the examples, its rows
+(index, e); an example's random ops are seeded by (config.seed, e, index), so the position (epoch,
+row) is the same for every host count and a resume sees the same pixels. TFDS streams through
+tf.data, each host its own shard, and saves tf.data's own iterator checkpoint; its random ops are
+seeded by (config.seed, host, position in the host's stream), and resuming on another host count
+is refused (as for the LM's per-host TFDS input).
+
+Eval: the first eval.steps * batch_size examples of the eval split, in order, the last batch
+padded with label_mask=0 rows; host p takes rows [p*b, (p+1)*b) of each batch, so the rows (and
+summed metrics) are the same for any host count (examples.eval_batches).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from foundation.data import examples
+from foundation.data import iterators
+from foundation.data import shapes
+from foundation.data import sources
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+def image_data_config() -> ml_collections.ConfigDict:
+  """The `config.data` fields of image classification (the core places them in configs/)."""
+  return ml_collections.ConfigDict(dict(
+      source="embedded",       # 'embedded' (shapes.py), 'tfds:NAME' or 'files:DIR'
+      image_size=32,           # the model's input: image_size x image_size after pp
+      channels=3,
+      # image_ops chains (foundation/data/image_ops.py); sizes in them must give image_size.
+      pp_train="decode|flip_lr|value_range(-1,1)",
+      pp_eval="decode|value_range(-1,1)",
+      image_feature="image",   # TFDS feature names
+      label_feature="label",
+      train_split="train",     # TFDS splits; files: eval_split is the sub-folder of eval images
+      eval_split="test",
+      tfds_data_dir="",        # where TFDS datasets are prepared; '' means TFDS's default
+      eval_fraction=0.1,       # files without an eval_split folder: the share held out per class
+      num_train=shapes.NUM_TRAIN,  # embedded: images drawn for train and for eval
+      num_eval=shapes.NUM_EVAL,
+      shuffle_buffer=10_000,   # TFDS: examples
+      prefetch=2,
+  ))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+  """An in-memory split: `raw` uint8 [N, H, W, C] pixels or object [N] encoded bytes."""
+  raw: np.ndarray
+  labels: np.ndarray        # int32 [N]
+  class_names: tuple[str, ...]
+  identity: str             # what the data is, for the resume check
+
+
+# ---------------------------------------------------------------- sources
+
+def _kind(config) -> tuple[str, str]:
+  spec = config.data.source
+  kind, _, arg = spec.partition(":")
+  if kind not in ("embedded", "tfds", "files") or (kind != "embedded" and not arg):
+    raise ValueError(f"data.source={spec!r} is not an image source; use 'embedded', "
+                     f"'tfds:NAME' or 'files:DIR'")
+  return kind, arg
+
+
+def _embedded(config, split: str) -> ImageSet:
+  count = config.data.num_train if split == "train" else config.data.num_eval
+  images, labels = shapes.load(split, 0, int(count), int(config.data.image_size))
+  return ImageSet(images, labels, shapes.CLASS_NAMES,
+                  f"embedded shapes {config.data.image_size}px {split} {count}")
+
+
+def _class_folders(directory: str, field: str) -> list[str]:
+  if not os.path.isdir(directory):
+    raise ValueError(f"{field}: {directory!r} is not a folder")
+  names = sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
+  if not names:
+    raise ValueError(f"{field}: {directory!r} has no class sub-folders (one folder of images per "
+                     f"class)")
+  return names
+
+
+def _image_files(folder: str) -> list[str]:
+  return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _files(config, split: str) -> ImageSet:
+  """A class-folder tree read into memory; eval from DIR/<eval_split> or held out by name hash."""
+  directory = config.data.source[len("files:"):]
+  field = f"data.source={config.data.source!r}"
+  eval_dir = os.path.join(directory, config.data.eval_split)
+  separate_eval = os.path.isdir(eval_dir)
+  names = [n for n in _class_folders(directory, field) if n != config.data.eval_split]
+  root = eval_dir if split == "eval" and separate_eval else directory
+  paths, labels = [], []
+  for label, name in enumerate(names):
+    folder = os.path.join(root, name)
+    files = _image_files(folder) if os.path.isdir(folder) else []
+    if not files and root == directory:
+      raise ValueError(f"{field}: class folder {folder!r} holds no images "
+                       f"({', '.join(IMAGE_EXTENSIONS)})")
+    if not separate_eval:
+      held = [examples.record_hash(f"{name}/{f}".encode()) < config.data.eval_fraction
+              for f in files]
+      files = [f for f, h in zip(files, held) if h == (split == "eval")]
+    paths += [os.path.join(folder, f) for f in files]
+    labels += [label] * len(files)
+  if not paths:
+    raise ValueError(f"{field}: no {split} images (data.eval_fraction="
+                     f"{config.data.eval_fraction}, no {eval_dir!r} folder)")
+  raw = np.array([sources.read_file(p) for p in paths], dtype=object)
+  _check_channels(raw, paths, config)
+  digest = hashlib.sha256("\n".join(os.path.relpath(p, directory) for p in paths).encode())
+  return ImageSet(raw, np.array(labels, np.int32), tuple(names),
+                  f"{config.data.source} {split} {len(paths)} sha256:{digest.hexdigest()[:16]}")
+
+
+def _check_channels(raw: np.ndarray, paths: list[str], config) -> None:
+  """Every image decodes, and all have the same channel count (data.channels)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  seen = {}
+  for path, data in zip(paths, raw):
+    try:
+      channels = int(tf.io.decode_image(data, expand_animations=False).shape[-1])
+    except tf.errors.InvalidArgumentError:
+      raise ValueError(f"{path} is not a JPEG, PNG, GIF or BMP image") from None
+    seen.setdefault(channels, path)
+  if len(seen) > 1:
+    which = ", ".join(f"{c} ({p})" for c, p in sorted(seen.items()))
+    raise ValueError(f"data.source={config.data.source!r}: images of mixed channel counts: "
+                     f"{which}; convert them to data.channels={config.data.channels}")
+
+
+def _tfds_builder(config):
+  _, name = _kind(config)
+  source = sources.Source(spec=config.data.source, kind="tfds", arg=name,
+                          where=f"data.source={config.data.source!r}")
+  builder = sources.tfds_builder(config, source)
+  splits = sorted(builder.info.splits.keys())
+  for field in ("train_split", "eval_split"):
+    if config.data[field] not in splits:
+      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
+                       f"splits {splits}")
+  features = builder.info.features
+  for field in ("image_feature", "label_feature"):
+    if config.data[field] not in features:
+      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
+                       f"features {sorted(features.keys())}")
+  return builder
+
+
+def _tfds_dataset(config, builder, split: str):
+  """(encoded image bytes, label) pairs of a split, in file order."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  image, label = config.data.image_feature, config.data.label_feature
+  decoders = None
+  if isinstance(builder.info.features[image], tfds.features.Image):
+    decoders = {image: tfds.decode.SkipDecoding()}  # the 'decode' op decodes
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+  return ds.map(lambda ex: (ex[image], ex[label]))
+
+
+def _tfds_names(config, builder) -> tuple[str, ...]:
+  feature = builder.info.features[config.data.label_feature]
+  names = getattr(feature, "names", None)
+  return tuple(names) if names else tuple(str(i) for i in range(config.model.num_classes))
+
+
+def _tfds_eval(config, builder) -> ImageSet:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  count = config.eval.steps * config.batch_size
+  pairs = list(tfds.as_numpy(_tfds_dataset(config, builder, config.data.eval_split).take(count)))
+  raw = np.empty(len(pairs), dtype=object)
+  raw[:] = [p[0] for p in pairs]
+  if raw.size and not isinstance(raw[0], bytes):
+    raw = np.stack(list(raw))  # already pixels (a Tensor feature)
+  return ImageSet(raw, np.array([p[1] for p in pairs], np.int32), _tfds_names(config, builder),
+                  f"{config.data.source} {config.data.eval_split}")
+
+
+def read_split(config, split: str) -> ImageSet:
+  """The in-memory 'train' or 'eval' split of an embedded or files source (TFDS: eval only)."""
+  kind, _ = _kind(config)
+  if kind == "embedded":
+    data = _embedded(config, split)
+  elif kind == "files":
+    data = _files(config, split)
+  else:
+    data = _tfds_eval(config, _tfds_builder(config))
+  check_labels(config, data.labels, data.class_names, f"the {split} split")
+  return data
+
+
+def check_labels(config, labels: np.ndarray, class_names, what: str) -> None:
+  """Labels and class count fit model.num_classes; errors name both numbers."""
+  num_classes = config.model.num_classes
+  if len(class_names) > num_classes:
+    raise ValueError(f"data.source={config.data.source!r} has {len(class_names)} classes but "
+                     f"model.num_classes={num_classes}: set --config.model.num_classes="
+                     f"{len(class_names)}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = int(labels.max() if labels.max() >= num_classes else labels.min())
+    raise ValueError(f"data.source={config.data.source!r}: {what} has label {bad}, outside "
+                     f"model.num_classes={num_classes}")
+
+
+# ---------------------------------------------------------------- preprocessing
+
+class Preprocess:
+  """A pp chain applied to a batch of in-memory examples inside one traced tf.function: the ops
+  run per example (tf.map_fn), each seeded by example_seed(seed, epoch, index)."""
+
+  def __init__(self, config, spec: str, field: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from foundation.data import image_ops  # pylint: disable=g-import-not-at-top
+    size, channels = int(config.data.image_size), int(config.data.channels)
+    self.shape = (size, size, channels)
+    self.spec, self.field, self.seed = spec, field, int(config.seed)
+    chain = image_ops.compose(spec, field)
+
+    def one(args):
+      raw, epoch, index = args
+      image = chain(raw, image_ops.example_seed(self.seed, epoch, index))
+      return tf.cast(image, tf.float32)
+
+    @tf.function
+    def batch(raw, epochs, indices):
+      return tf.map_fn(one, (raw, epochs, indices), fn_output_signature=tf.float32)
+    self._one, self._batch = one, batch
+
+  def check(self, raw_example) -> None:
+    """The chain's output on one example has the configured shape."""
+    out = self._one((raw_example, np.int64(0), np.int64(0)))
+    if tuple(out.shape) != self.shape:
+      raise ValueError(f"{self.field}={self.spec!r} gives images of shape {tuple(out.shape)}, "
+                       f"not data.image_size x image_size x channels = {self.shape}")
+
+  def __call__(self, raw: np.ndarray, epochs: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    if raw.dtype == object:
+      raw = raw.astype(bytes)  # a tf.string tensor
+    return self._batch(raw, epochs.astype(np.int64), indices.astype(np.int64)).numpy()
+
+
+def _builder(data: ImageSet, pp: Preprocess):
+  """build(rows) for EpochIterator / eval_batches: rows are (index, epoch) or () (padding)."""
+  def build(rows) -> dict[str, np.ndarray]:
+    real = np.array([bool(r) for r in rows])
+    index = np.array([r[0] if r else 0 for r in rows], np.int64)
+    epoch = np.array([r[1] if r else 0 for r in rows], np.int64)
+    return {"image": pp(data.raw[index], epoch, index),
+            "label": np.where(real, data.labels[index], 0).astype(np.int32),
+            "label_mask": real.astype(np.int32)}
+  return build
+
+
+# ---------------------------------------------------------------- public
+
+def make_train_iterator(config, process_index: int,
+                        process_count: int) -> iterators.DataIterator:
+  """This host's endless train batches, with save/restore for exact resume."""
+  kind, _ = _kind(config)
+  if kind == "tfds":
+    return TfdsIterator(config, process_index, process_count)
+  data = read_split(config, "train")
+  pp = Preprocess(config, config.data.pp_train, "data.pp_train")
+  pp.check(data.raw[0])
+  count = len(data.labels)
+
+  def plan(epoch: int) -> examples.Rows:
+    order = examples.shuffled(count, config.seed, 0, epoch)
+    return [(int(i), epoch) for i in order]
+  identity = {"data": data.identity, "seed": int(config.seed), "pp_train": config.data.pp_train,
+              "image_size": int(config.data.image_size)}
+  description = {"sources": [[config.data.source, 1.0]], "position_kind": "image",
+                 "process_count": process_count, "num_examples": count}
+  return examples.EpochIterator(plan, _builder(data, pp), config.batch_size, process_index,
+                                process_count, identity, description)
+
+
+def eval_batches(config, process_index: int, process_count: int) -> list[dict[str, np.ndarray]]:
+  """This host's share of at most eval.steps eval batches (see the module docstring)."""
+  data = read_split(config, "eval")
+  if not len(data.labels):
+    raise ValueError(f"data.source={config.data.source!r}: the eval split is empty")
+  pp = Preprocess(config, config.data.pp_eval, "data.pp_eval")
+  pp.check(data.raw[0])
+  rows = [(i, 0) for i in range(len(data.labels))]
+  return examples.eval_batches(rows, _builder(data, pp), config, process_index, process_count)
+
+
+def class_names(config) -> tuple[str, ...]:
+  """The source's class names, index = label id."""
+  kind, _ = _kind(config)
+  if kind == "embedded":
+    return shapes.CLASS_NAMES
+  if kind == "files":
+    directory = config.data.source[len("files:"):]
+    names = _class_folders(directory, f"data.source={config.data.source!r}")
+    return tuple(n for n in names if n != config.data.eval_split)
+  return _tfds_names(config, _tfds_builder(config))
+
+
+class TfdsIterator(iterators.DataIterator):
+  """A TFDS train split through tf.data, this host's shard; the state is tf.data's checkpoint."""
+
+  def __init__(self, config, process_index: int, process_count: int):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from foundation.data import pipeline  # pylint: disable=g-import-not-at-top
+    self.process_index, self.process_count = process_index, process_count
+    host_batch = pipeline.host_batch_size(config, process_count)
+    builder = _tfds_builder(config)
+    check_labels(config, np.zeros(0, np.int32), _tfds_names(config, builder), "the train split")
+    pp = Preprocess(config, config.data.pp_train, "data.pp_train")
+    chain, seed, num_classes = pp._one, int(config.seed), int(config.model.num_classes)
+
+    def process(position, pair):
+      raw, label = pair
+      tf.debugging.assert_less(tf.cast(label, tf.int32), num_classes, message=(
+          f"a label of data.source={config.data.source!r} is outside model.num_classes="
+          f"{num_classes}"))
+      image = chain((raw, tf.constant(process_index, tf.int64), position))
+      return {"image": tf.ensure_shape(image, pp.shape), "label": tf.cast(label, tf.int32),
+              "label_mask": tf.constant(1, tf.int32)}
+
+    ds = _tfds_dataset(config, builder, config.data.train_split).shard(process_count,
+                                                                        process_index)
+    # Shuffle after repeat: the buffer flows across epoch ends (no stall at each epoch's tail).
+    ds = ds.repeat().enumerate().shuffle(config.data.shuffle_buffer, seed=seed)
+    ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(host_batch, drop_remainder=True).prefetch(config.data.prefetch)
+    ds = ds.with_options(pipeline._options())  # pylint: disable=protected-access
+    self._iterator = iter(ds)
+    self._description = {"sources": [[config.data.source, 1.0]], "position_kind": "image-tfds",
+                         "process_count": process_count}
+    self.steps = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    try:
+      batch = {k: v.numpy() for k, v in next(self._iterator).items()}
+    except tf.errors.InvalidArgumentError as e:
+      raise ValueError(e.message.split("\n")[0]) from None
+    self.steps += 1
+    return batch
+
+  def save(self, directory: str) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    prefix = self._prefix(directory)
+    tf.train.Checkpoint(iterator=self._iterator).write(prefix)
+    with tf.io.gfile.GFile(prefix + ".json", "w") as f:
+      f.write(json.dumps({"steps": self.steps, "process_count": self.process_count}))
+
+  def restore(self, directory: str) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    prefix = self._prefix(directory)
+    if not tf.io.gfile.exists(prefix + ".index"):
+      found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
+      raise iterators.missing_state_error(directory, prefix, found,
+                                          self._description["sources"][0][0])
+    tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
+    with tf.io.gfile.GFile(prefix + ".json") as f:
+      self.steps = json.loads(f.read())["steps"]
+
+  def description(self) -> dict:
+    return {**self._description, "steps": self.steps}
