@@ -23,6 +23,7 @@ KINDS = ("family", "task", "input", "evaluator")
 # Modules whose import registers the built-in entries.
 BUILTIN_MODULES = (
     "foundation.models.transformer",
+    "foundation.models.vit",
     "foundation.tasks.text",
     "foundation.tasks.images",
 )

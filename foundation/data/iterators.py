@@ -15,7 +15,7 @@ import numpy as np
 
 _STATE_FILE = re.compile(r"process_(\d+)of(\d+)\.")
 # Positions that are one global position, the same on every host: they resume on any host count.
-GLOBAL_POSITIONS = ("prepared", "tf.data-global", "sft", "classify", "images", "global")
+GLOBAL_POSITIONS = ("prepared", "tf.data-global", "sft", "classify", "image", "global")
 
 
 def state_prefix(directory: str, process_index: int, process_count: int) -> str:
@@ -97,16 +97,18 @@ def check_resume(saved: dict | None, current: dict, step: int) -> None:
   if not saved:
     return
   where = f"the checkpoint at step {step}"
-  if "tokenizer" not in current:  # an input without text: its description must match whole
-    global_position = current.get("position_kind") in GLOBAL_POSITIONS
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
-                     and not (global_position and k == "process_count"))
+  if "tokenizer" not in current:  # an input without text (images): its sources and position
+    # kind must match (the iterator's own restore refuses a position saved with other settings)
+    keys = ["sources", "position_kind"]
+    if current.get("position_kind") not in GLOBAL_POSITIONS:
+      keys.append("process_count")
+    changed = [k for k in keys if saved.get(k) != current.get(k)]
     if changed:
       raise ValueError(f"the input differs from {where}'s in {', '.join(changed)} (then "
                        f"{ {k: saved.get(k) for k in changed} }, now "
                        f"{ {k: current.get(k) for k in changed} }): its position means nothing "
-                       f"for other data; resume with the same data.* fields or start a new "
-                       f"workdir")
+                       f"for this input; resume with the same data.* fields and host count, or "
+                       f"start a new workdir")
     return
   then, now = saved.get("tokenizer", {}), current["tokenizer"]
   if (then.get("kind"), then.get("sha256")) != (now["kind"], now["sha256"]):

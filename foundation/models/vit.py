@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foundation import registry
 from foundation.models import layers
 from foundation.models import transformer
 
@@ -335,3 +336,26 @@ def flops_per_example(cfg: ViTConfig, image_size, channels: int = 3) -> float:
     # k, v over all tokens; q, o, MLP for the one probe; its attention over T keys.
     flops += 6 * (tokens * 2 * d * d + 2 * d * d + 2 * d * cfg.mlp_dim) + 12 * d * tokens
   return float(flops)
+
+
+# ---------------------------------------------------------------- the family, for the registry
+
+@registry.register("family", "vit")
+class ViTFamily:
+  """The Vision Transformer as a family the config names: model.family='vit'."""
+  POSITIVE = ("model.width", "model.depth", "model.num_heads", "model.mlp_dim",
+              "model.patch_size")
+  SPLIT_SIZES = {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.width"}
+  CHOICES = {"model.dtype": ("float32", "bfloat16", "float16"),
+             "model.param_dtype": ("float32", "bfloat16"),
+             "model.attention": ("xla", "cudnn"),
+             "model.pool": POOLS,
+             "model.remat_policy": ("none", *transformer.REMAT_POLICIES)}
+
+  @staticmethod
+  def check(config) -> None:
+    ViTConfig.from_config(config.model)  # heads vs width, pool, dropout, ...
+
+  @staticmethod
+  def make_model(config) -> "ViT":
+    return ViT(ViTConfig.from_config(config.model))
