@@ -46,6 +46,29 @@ RUNS = {
     "70b": (1024, 4096, 500_000, 1.5e-4),
 }
 
+# The large sizes' defaults are chosen to start on the smallest slice docs/scaling.md names for each
+# (the fewest chips, and of those the least HBM per chip), checked with `python -m foundation.compile
+# --config configs/lm.py:size=NAME --topology SLICE` and recorded in benchmarks/results/fit-NAME.json
+# (tests/test_compile.py fails when a default here and its recorded fit disagree). The global batch
+# of RUNS is kept: it is split into grad_accum micro-batches, each small enough for the chip, rather
+# than shrunk, so that the number of tokens per optimizer step (and so the lr and steps) stays the
+# one the run was sized for. Remat 'full' and chunked logits buy the room for those micro-batches.
+# name: (smallest slice, remat_policy, grad_accum, logits_chunk, mesh.fsdp, mesh.tensor)
+FIT_DEFAULTS = {
+    # 256 x 2048 as 4 micro-batches of 64 rows (8 per chip); the 128k-vocabulary logits in chunks.
+    "1b": ("v4:2x2x2", "full", 4, 256, -1, 1),
+    # 512 x 2048 as 16 micro-batches of 32 rows (4 per chip).
+    "3b": ("v4:2x2x2", "full", 16, 256, -1, 1),
+    # 1024 x 4096 as 16 micro-batches of 64 rows (1 per chip) on 16 GiB v5e chips.
+    "7b": ("TPU v5 lite:8x8", "full", 16, 512, -1, 1),
+    # 1024 x 4096 as 8 micro-batches of 128 rows (1 per chip).
+    "13b": ("TPU v5 lite:8x16", "full", 8, 512, -1, 1),
+    # 1024 x 4096 as 16 micro-batches of 64 rows, one per fsdp group: fsdp=64 and tensor=-1 splits
+    # heads and MLP over the rest (4 ways on v5e 16x16, 8 on a 512-chip v4 or v5p slice, so the
+    # micro-batch divides either way; fsdp=-1 alone would need 256- or 512-row micro-batches).
+    "70b": ("TPU v5 lite:16x16", "full", 16, 512, 64, -1),
+}
+
 
 def model_config(size: str) -> ml_collections.ConfigDict:
   d, layers, heads, kv_heads, mlp, vocab, max_len, theta, tied = SIZES[size]
@@ -124,6 +147,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evaluate = common.evaluate_config()  # task evaluators (off unless evaluate.every > 0)
   config.log = common.log_config()
 
+  if size in FIT_DEFAULTS:  # settings that fit the size's smallest slice (see FIT_DEFAULTS)
+    _, remat, accum, chunk, fsdp, tensor = FIT_DEFAULTS[size]
+    config.model.remat_policy, config.grad_accum, config.model.logits_chunk = remat, accum, chunk
+    config.mesh.fsdp, config.mesh.tensor = fsdp, tensor
   if size in ("test", "tiny"):
     # Small models on a CPU: float32 compute is as fast as bf16 there and keeps tests exact.
     config.model.dtype = "float32"
