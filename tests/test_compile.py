@@ -98,12 +98,14 @@ def test_report_says_by_how_much_it_does_not_fit():
   assert "does not fit, by 14.29 GiB (109.29 GiB needed, 95 GiB HBM per chip)" in text
 
 
-LARGE_SIZES = ("1b", "3b", "7b", "13b", "70b")
+# Each size's smallest slice in docs/scaling.md (fewest chips, then least HBM); 3b gets 1b's.
+SMALLEST_SLICE = {"1b": "v4:2x2x2", "3b": "v4:2x2x2", "7b": "TPU v5 lite:8x8",
+                  "13b": "TPU v5 lite:8x16", "70b": "TPU v5 lite:16x16"}
 
 
 def recorded_fit(size: str) -> tuple[str, dict]:
   """(the command that records `size`'s fit, its report in benchmarks/results/fit-<size>.json)."""
-  topology = lm.FIT_DEFAULTS[size][0]
+  topology = SMALLEST_SLICE[size]
   path = f"benchmarks/results/fit-{size}.json"
   command = (f"python -m foundation.compile --config configs/lm.py:size={size} "
              f"--topology {shlex.quote(topology)} --json {path}")
@@ -111,7 +113,7 @@ def recorded_fit(size: str) -> tuple[str, dict]:
     return command, json.load(f)
 
 
-@pytest.mark.parametrize("size", LARGE_SIZES)
+@pytest.mark.parametrize("size", SMALLEST_SLICE)
 def test_a_large_size_defaults_are_the_ones_recorded_to_fit_its_smallest_slice(size):
   # Compiling a 7b step takes minutes, so the suite checks the record instead: the defaults
   # (nothing overridden but the topology) were compiled for the slice, fitted, and are still the
@@ -126,11 +128,24 @@ def test_a_large_size_defaults_are_the_ones_recorded_to_fit_its_smallest_slice(s
       "grad_accum": config.grad_accum, "remat_policy": config.model.remat_policy,
       "logits_chunk": config.model.logits_chunk}, f"defaults changed since; re-run: {command}"
   mcfg = transformer.ModelConfig.from_config(config.model)
-  assert report["params"] == (transformer.non_embedding_params(mcfg)
-                              + config.model.vocab_size * config.model.d_model)
+  input_table = 0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.d_model  # else counted once
+  assert report["params"] == transformer.non_embedding_params(mcfg) + input_table, "model changed"
   # The defaults validate on the slice's chips as they are (fsdp=-1 fills the slice) and resolve
   # to the mesh that was compiled.
   chips = [types.SimpleNamespace(platform="tpu", slice_index=0, process_index=0)
            ] * report["devices"]
   config_lib.validate(config, chips, process_count=1)
   assert mesh_lib.mesh_shape(config.mesh, chips)[0] == report["mesh"]
+  assert lm.FIT_DEFAULTS[size][0] == report["topology"]  # the config names the same slice
+
+
+def test_a_large_size_defaults_validate_on_every_slice_docs_scaling_names_for_it():
+  # Each micro-batch must split over the data-parallel ways of the bigger slices too (70b: 256
+  # and 512 chips), so that the defaults start there, with room to spare.
+  import glob
+  for path in glob.glob(os.path.join(ROOT, "benchmarks", "fit", "*.json")):
+    with open(path) as f:
+      report = json.load(f)
+    chips = [types.SimpleNamespace(platform="tpu", slice_index=0, process_index=0)
+             ] * report["devices"]
+    config_lib.validate(lm.get_config(f"size={report['size']}"), chips, process_count=1)
