@@ -82,8 +82,8 @@ under its table. Regenerate all rows with `bash benchmarks/fit_table.sh` (set-up
 lists for NAME: the fewest chips, and of those the least HBM per chip (3b, not in the hand-tuned
 table, is given 1b's). The defaults keep each size's global batch (configs/lm.py `RUNS`) and split
 it into `grad_accum` micro-batches small enough for the chip, with `remat_policy=full` and the
-logits made a chunk of positions at a time; `mesh.fsdp=-1` fills the slice (70b: `mesh.fsdp=64`
-and `mesh.tensor=-1`, so tensor parallelism takes the rest: 4 ways on 256 chips, 8 on 512). A second 7b row checks the slice the problem was first reported on. The per-chip
+logits made a chunk of positions at a time; `mesh.fsdp=-1` fills the slice (70b also sets
+`mesh.tensor=8`). A second 7b row checks the slice the problem was first reported on. The per-chip
 total is the compiler's (arguments, outputs not aliased, temporaries, code), in GiB.
 tests/test_compile.py fails when a default in configs/lm.py no longer matches its recorded row
 (benchmarks/results/fit-NAME.json): change a default, re-run its command.
@@ -95,7 +95,8 @@ HAND_TUNED = """
 On a bigger slice the same defaults have fewer rows per chip, so more room. A slice with more
 data-parallel ways than a micro-batch has rows refuses to start (`batch_size=... is not divisible
 by grad_accum=... micro-batches x the data-parallel degree ...`): lower `--config.grad_accum`.
-Every slice the table below names for a size validates with that size's defaults.
+Of the slices in the table below, only 70b's 512-chip ones need it (fsdp=64 x tensor=8 there):
+`--config.grad_accum=16`, 64-row micro-batches.
 
 ## Hand-tuned settings per slice
 

@@ -46,13 +46,14 @@ RUNS = {
     "70b": (1024, 4096, 500_000, 1.5e-4),
 }
 
-# The large sizes' defaults are chosen to start on the smallest slice docs/scaling.md names for each
-# (the fewest chips, and of those the least HBM per chip), checked with `python -m foundation.compile
-# --config configs/lm.py:size=NAME --topology SLICE` and recorded in benchmarks/results/fit-NAME.json
-# (tests/test_compile.py fails when a default here and its recorded fit disagree). The global batch
-# of RUNS is kept: it is split into grad_accum micro-batches, each small enough for the chip, rather
-# than shrunk, so that the number of tokens per optimizer step (and so the lr and steps) stays the
-# one the run was sized for. Remat 'full' and chunked logits buy the room for those micro-batches.
+# The large sizes' defaults are chosen to start on the smallest slice docs/scaling.md names for
+# each (the fewest chips, and of those the least HBM per chip), checked with
+#   python -m foundation.compile --config configs/lm.py:size=NAME --topology SLICE
+# and recorded in benchmarks/results/fit-NAME.json; tests/test_compile.py fails when a default here
+# and its recorded fit disagree. The global batch of RUNS is kept: it is split into grad_accum
+# micro-batches, each small enough for the chip, rather than shrunk, so that the tokens per
+# optimizer step (for which lr and steps were chosen) stay the same. Remat 'full' and chunked
+# logits buy the room for those micro-batches. Per-chip totals are the compiler's, measured.
 # name: (smallest slice, remat_policy, grad_accum, logits_chunk, mesh.fsdp, mesh.tensor)
 FIT_DEFAULTS = {
     # 256 x 2048 as 4 micro-batches of 64 rows (8 per chip); the 128k-vocabulary logits in chunks.
@@ -63,10 +64,9 @@ FIT_DEFAULTS = {
     "7b": ("TPU v5 lite:8x8", "full", 16, 512, -1, 1),
     # 1024 x 4096 as 8 micro-batches of 128 rows (1 per chip).
     "13b": ("TPU v5 lite:8x16", "full", 8, 512, -1, 1),
-    # 1024 x 4096 as 16 micro-batches of 64 rows, one per fsdp group: fsdp=64 and tensor=-1 splits
-    # heads and MLP over the rest (4 ways on v5e 16x16, 8 on a 512-chip v4 or v5p slice, so the
-    # micro-batch divides either way; fsdp=-1 alone would need 256- or 512-row micro-batches).
-    "70b": ("TPU v5 lite:16x16", "full", 16, 512, 64, -1),
+    # 1024 x 4096 as 32 micro-batches of 32 rows, one per fsdp group: fsdp=-1 fills 32 of the 256
+    # chips and tensor=8 splits heads, MLP and vocabulary over the rest.
+    "70b": ("TPU v5 lite:16x16", "full", 32, 512, -1, 8),
 }
 
 

@@ -1,8 +1,8 @@
 r"""Will it fit? Compiles the sharded train step ahead of time for a TPU topology, on a CPU machine.
 
   pip install 'jax[tpu]==<your jax version>'   # libtpu from PyPI; no TPU needed
-  python -m foundation.compile --config configs/lm.py:size=70b --topology v5p:8x8x8 \
-      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...]
+  python -m foundation.compile --config configs/lm.py:size=70b --topology 'TPU v5 lite:16x16' \
+      [--config.mesh.tensor=8 --config.model.remat_policy=full ...]
 
 Prints per-chip bytes for params, optimizer state, the batch and activations/temporaries, the
 total against the chip's HBM ("fits" or "does not fit, by N GiB"), and the FLOPs per step.

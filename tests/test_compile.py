@@ -140,12 +140,15 @@ def test_a_large_size_defaults_are_the_ones_recorded_to_fit_its_smallest_slice(s
 
 
 def test_a_large_size_defaults_validate_on_every_slice_docs_scaling_names_for_it():
-  # Each micro-batch must split over the data-parallel ways of the bigger slices too (70b: 256
-  # and 512 chips), so that the defaults start there, with room to spare.
+  # Each micro-batch must split over the data-parallel ways of the bigger slices too, so that the
+  # defaults start there (with fewer rows per chip); docs/scaling.md names the one exception.
   import glob
+  documented_override = {("70b", 512): {"grad_accum": 16}}
   for path in glob.glob(os.path.join(ROOT, "benchmarks", "fit", "*.json")):
     with open(path) as f:
       report = json.load(f)
+    config = lm.get_config(f"size={report['size']}").unlock()
+    config.update(documented_override.get((report["size"], report["devices"]), {}))
     chips = [types.SimpleNamespace(platform="tpu", slice_index=0, process_index=0)
              ] * report["devices"]
-    config_lib.validate(lm.get_config(f"size={report['size']}"), chips, process_count=1)
+    config_lib.validate(config, chips, process_count=1)
