@@ -92,7 +92,7 @@ tests/test_compile.py fails when a default in configs/lm.py no longer matches it
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
 
 HAND_TUNED = """
-On a bigger slice the same defaults have fewer rows per chip, so more room. A slice with more
+On a bigger slice the same defaults put fewer rows on each chip (not compiled here). A slice with more
 data-parallel ways than a micro-batch has rows refuses to start (`batch_size=... is not divisible
 by grad_accum=... micro-batches x the data-parallel degree ...`): lower `--config.grad_accum`.
 Of the slices in the table below, only 70b's 512-chip ones need it (fsdp=64 x tensor=8 there):
