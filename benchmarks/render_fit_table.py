@@ -43,8 +43,11 @@ def defaults_row(r: dict) -> str:
 
 
 def load(pattern: str) -> list[dict]:
-  reports = [json.load(open(p)) for p in glob.glob(os.path.join(HERE, pattern))]
-  return sorted(reports, key=lambda r: (ORDER.get(r["size"], 9), r["device_kind"], r["devices"]))
+  """The reports, by size, then (defaults: fit-7b before fit-7b-v5p) by file name length and chip."""
+  paths = sorted(glob.glob(os.path.join(HERE, pattern)), key=len)
+  reports = [json.load(open(p)) for p in paths]
+  return sorted(reports, key=lambda r: (ORDER.get(r["size"], 9),) + (
+      () if pattern.startswith("results") else (r["device_kind"], r["devices"])))
 
 
 def main():
@@ -59,9 +62,9 @@ def main():
   print(HAND_TUNED)
   for r in reports:
     print(row(r))
-  print("\nCommands. They were run when every size's defaults were grad_accum=1 and fsdp=-1 "
-        "(tensor=1); to repeat a row now add `--config.grad_accum=1 --config.mesh.fsdp=-1 "
-        "--config.mesh.tensor=1` (70b on v5e: `--config.grad_accum=1`), as fit_table.sh does:\n")
+  print("\nCommands. They were run when every size's defaults were grad_accum=1, fsdp=-1 and "
+        "tensor=1;\nto repeat a row now add `--config.grad_accum=1 --config.mesh.fsdp=-1 "
+        "--config.mesh.tensor=1`\n(70b on v5e: `--config.grad_accum=1`), as fit_table.sh does:\n")
   for r in reports:
     print(f"- `{r['command']}`")
   if reports:
@@ -83,8 +86,9 @@ lists for NAME: the fewest chips, and of those the least HBM per chip (3b, not i
 table, is given 1b's). The defaults keep each size's global batch (configs/lm.py `RUNS`) and split
 it into `grad_accum` micro-batches small enough for the chip, with `remat_policy=full` and the
 logits made a chunk of positions at a time; `mesh.fsdp=-1` fills the slice (70b also sets
-`mesh.tensor=8`). A second 7b row checks the slice the problem was first reported on. The per-chip
-total is the compiler's (arguments, outputs not aliased, temporaries, code), in GiB.
+`mesh.tensor=8`). The second 7b row is the slice where the old defaults (remat none, the whole
+batch in one step) were refused: 2.07T bytes of temporaries per chip, 95.74G of HBM. The per-chip total is the
+compiler's (arguments, outputs not aliased, temporaries, code), in GiB.
 tests/test_compile.py fails when a default in configs/lm.py no longer matches its recorded row
 (benchmarks/results/fit-NAME.json): change a default, re-run its command.
 
@@ -92,8 +96,8 @@ tests/test_compile.py fails when a default in configs/lm.py no longer matches it
 | --- | --- | --- | --- | --- | --- | --- | --- | --- |"""
 
 HAND_TUNED = """
-On a bigger slice the same defaults put fewer rows on each chip (not compiled here). A slice with more
-data-parallel ways than a micro-batch has rows refuses to start (`batch_size=... is not divisible
+On a bigger slice the same defaults put fewer rows on each chip (not compiled here). A slice with
+more data-parallel ways than a micro-batch has rows refuses to start (`batch_size=... is not divisible
 by grad_accum=... micro-batches x the data-parallel degree ...`): lower `--config.grad_accum`.
 Of the slices in the table below, only 70b's 512-chip ones need it (fsdp=64 x tensor=8 there):
 `--config.grad_accum=16`, 64-row micro-batches.
