@@ -4,6 +4,7 @@ libtpu (from PyPI) is kept out of the project's environment, because it makes ev
 TPU initialisation errors: this test makes a separate environment, .venv-tpu, the first time.
 """
 
+import glob
 import json
 import os
 import shlex
@@ -39,9 +40,9 @@ def tpu_python() -> str:
   return TPU_PYTHON
 
 
-def run_compile(python: str, *args: str, size: str = "test"):
+def run_compile(python: str, *args: str):
   return subprocess.run(
-      [python, "-m", "foundation.compile", "--config", f"configs/lm.py:size={size}", *args],
+      [python, "-m", "foundation.compile", "--config", "configs/lm.py:size=test", *args],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, "PYTHONPATH": ROOT, "TPU_WORKER_HOSTNAMES": "localhost",
            "XLA_FLAGS": ""})
@@ -142,7 +143,6 @@ def test_a_large_size_defaults_are_the_ones_recorded_to_fit_its_smallest_slice(s
 def test_a_large_size_defaults_validate_on_every_slice_docs_scaling_names_for_it():
   # Each micro-batch must split over the data-parallel ways of the bigger slices too, so that the
   # defaults start there (with fewer rows per chip); docs/scaling.md names the one exception.
-  import glob
   documented_override = {("70b", 512): {"grad_accum": 16}}
   for path in glob.glob(os.path.join(ROOT, "benchmarks", "fit", "*.json")):
     with open(path) as f:
