@@ -1,8 +1,8 @@
 r"""Will it fit? Compiles the sharded train step ahead of time for a TPU topology, on a CPU machine.
 
   pip install 'jax[tpu]==<your jax version>'   # libtpu from PyPI; no TPU needed
-  python -m foundation.compile --config configs/lm.py:size=70b --topology v5p:8x8x8 \
-      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...]
+  python -m foundation.compile --config configs/lm.py:size=70b --topology 'TPU v5 lite:16x16' \
+      [--config.mesh.tensor=8 --config.model.remat_policy=full ...]
 
 Prints per-chip bytes for params, optimizer state, the batch and activations/temporaries, the
 total against the chip's HBM ("fits" or "does not fit, by N GiB"), and the FLOPs per step.
@@ -121,7 +121,8 @@ def fit_report(config, devices) -> dict:
       "size": config.size, "device_kind": kind, "devices": len(devices),
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "layout": mesh_lib.describe(mesh, config.mesh),
-      "remat_policy": config.model.remat_policy, "batch_size": config.batch_size,
+      "remat_policy": config.model.remat_policy, "logits_chunk": config.model.logits_chunk,
+      "batch_size": config.batch_size,
       "seq_len": config.seq_len, "grad_accum": config.grad_accum,
       "params": transformer.count_params(abstract_state["params"]),
       "bytes": {
@@ -149,7 +150,8 @@ def _refused_report(config, devices, refusal: DoesNotFit) -> dict:
       "size": config.size, "device_kind": devices[0].device_kind, "devices": len(devices),
       "mesh": {k: int(v) for k, v in refusal.mesh.shape.items()},
       "layout": mesh_lib.describe(refusal.mesh, config.mesh),
-      "remat_policy": config.model.remat_policy, "batch_size": config.batch_size,
+      "remat_policy": config.model.remat_policy, "logits_chunk": config.model.logits_chunk,
+      "batch_size": config.batch_size,
       "seq_len": config.seq_len, "grad_accum": config.grad_accum,
       "params": transformer.count_params(state["params"]),
       "bytes": {"params": bytes_per_device(state["params"]),
