@@ -87,9 +87,13 @@ peer() {  # peer NAME EST PRECISION ARGS...: benchmarks/peer_torch.py alone
     "${peer_compile/peer_/}" --json "$work/$name.json"
 }
 
+# The one-GPU settings these rows measure; 1b and up default to settings for a TPU slice
+# (configs/lm.py FIT_DEFAULTS: gradient accumulation, remat full, chunked logits).
+one_gpu="--config.grad_accum=1 --config.model.remat_policy=none --config.model.logits_chunk=0"
+
 model() {  # model I: the --config arguments of sizes[I] at its batch and sequence
   echo "--config configs/lm.py:size=${sizes[$1]} --config.batch_size=${batches[$1]}" \
-       "--config.seq_len=${seqs[$1]}"
+       "--config.seq_len=${seqs[$1]} $one_gpu"
 }
 
 # ------------------------------------------------------------------ parts
@@ -128,7 +132,7 @@ run_numerics() {  # loss curves, fast path vs reference path: same start, same b
     --steps $curve_steps --yardstick --json "$work/${sizes[0]}-loss-curve.json"
   item "${sizes[1]}-loss-curve" 180 "$PY" benchmarks/loss_curve.py \
     --config "configs/lm.py:size=${sizes[1]}" --config.batch_size=4 \
-    --config.seq_len="${seqs[1]}" $fast --reference model.attention=xla \
+    --config.seq_len="${seqs[1]}" $one_gpu $fast --reference model.attention=xla \
     --reference model.remat_policy=dots --steps $curve_steps \
     --json "$work/${sizes[1]}-loss-curve.json"
 }
@@ -137,7 +141,7 @@ run_fit() {  # the largest model that fits one GPU at the sequence length, leane
   local i
   for i in "${!fit_sizes[@]}"; do
     bench_fitting "fit-${fit_sizes[$i]}" 110 --config "configs/lm.py:size=${fit_sizes[$i]}" \
-      --config.batch_size="${fit_batches[$i]}" --config.seq_len=$fit_seq \
+      --config.batch_size="${fit_batches[$i]}" --config.seq_len=$fit_seq $one_gpu \
       --config.model.attention="${attentions[0]}" $lean -- --config.batch_size=1
   done
 }

@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args["task"] == "classify":
       config.model.num_classes = 2
       config.seq_len = min(config.seq_len, 256)
+      # 1b and up default to accumulating micro-batches and chunking vocabulary logits: the
+      # classifier step takes its batch whole, and its logits are over the classes.
+      config.grad_accum, config.model.logits_chunk = 1, 0
     if args["lora"]:
       config.model.lora_rank = 8
       config.model.lora_alpha = 16.0

@@ -46,6 +46,33 @@ RUNS = {
     "70b": (1024, 4096, 500_000, 1.5e-4),
 }
 
+# The large sizes' defaults are chosen to start on the smallest slice docs/scaling.md names for
+# each (the fewest chips, and of those the least HBM per chip), checked with
+#   python -m foundation.compile --config configs/lm.py:size=NAME --topology SLICE
+# and recorded in benchmarks/results/fit-NAME.json; tests/test_compile.py fails when a default here
+# and its recorded fit disagree. The global batch of RUNS is kept: it is split into grad_accum
+# micro-batches, each small enough for the chip, rather than shrunk, so that the tokens per
+# optimizer step (for which lr and steps were chosen) stay the same. Remat 'full' and chunked
+# logits buy the room for those micro-batches. Per-chip totals are the compiler's, measured.
+# name: (smallest slice, remat_policy, grad_accum, logits_chunk, mesh.fsdp, mesh.tensor)
+FIT_DEFAULTS = {
+    # 256 x 2048 as 4 micro-batches of 64 rows (8 per chip); the 128k-vocabulary logits in chunks.
+    # 16.78 of 32 GiB per chip.
+    "1b": ("v4:2x2x2", "full", 4, 256, -1, 1),
+    # 512 x 2048 as 16 micro-batches of 32 rows (4 per chip): 17.80 of 32 GiB per chip.
+    "3b": ("v4:2x2x2", "full", 16, 256, -1, 1),
+    # 1024 x 4096 as 16 micro-batches of 64 rows (1 per chip): 9.63 of 16 GiB per chip (v5e);
+    # 9.05 of 95 on v5p:4x4x4, where the old defaults (remat none, no accumulation) needed 2.07T.
+    "7b": ("TPU v5 lite:8x8", "full", 16, 512, -1, 1),
+    # 1024 x 4096 as 8 micro-batches of 128 rows (1 per chip): 11.68 of 16 GiB per chip.
+    "13b": ("TPU v5 lite:8x16", "full", 8, 512, -1, 1),
+    # 1024 x 4096 as 32 micro-batches of 32 rows, one per fsdp group: fsdp=-1 fills 32 of the 256
+    # chips and tensor=8 splits heads, MLP and vocabulary over the rest: 14.65 of 16 GiB per chip.
+    # (fsdp=64 x tensor=4 with 16 micro-batches of 64 rows measured 16.85: 0.85 GiB too much.)
+    # On a 512-chip slice (fsdp=64 there) add --config.grad_accum=16.
+    "70b": ("TPU v5 lite:16x16", "full", 32, 512, -1, 8),
+}
+
 
 def model_config(size: str) -> ml_collections.ConfigDict:
   d, layers, heads, kv_heads, mlp, vocab, max_len, theta, tied = SIZES[size]
@@ -126,6 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evaluate = common.evaluate_config()  # task evaluators (off unless evaluate.every > 0)
   config.log = common.log_config()
 
+  if size in FIT_DEFAULTS:  # settings that fit the size's smallest slice (see FIT_DEFAULTS)
+    _, remat, accum, chunk, fsdp, tensor = FIT_DEFAULTS[size]
+    config.model.remat_policy, config.grad_accum, config.model.logits_chunk = remat, accum, chunk
+    config.mesh.fsdp, config.mesh.tensor = fsdp, tensor
   if size in ("test", "tiny"):
     # Small models on a CPU: float32 compute is as fast as bf16 there and keeps tests exact.
     config.model.dtype = "float32"

@@ -1,8 +1,8 @@
 r"""Will it fit? Compiles the sharded train step ahead of time for a TPU topology, on a CPU machine.
 
   pip install 'jax[tpu]==<your jax version>'   # libtpu from PyPI; no TPU needed
-  python -m foundation.compile --config configs/lm.py:size=70b --topology v5p:8x8x8 \
-      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...]
+  python -m foundation.compile --config configs/lm.py:size=70b --topology 'TPU v5 lite:16x16' \
+      [--config.mesh.tensor=8 --config.model.remat_policy=full ...]
 
 Prints per-chip bytes for params, optimizer state, the batch and activations/temporaries, the
 total against the chip's HBM ("fits" or "does not fit, by N GiB"), and the FLOPs per step.
@@ -134,6 +134,7 @@ def _run_fields(config, built) -> dict:
   task = built.task
   return {"size": config.get("size", config.model.get("family", "?")),
           "remat_policy": config.model.get("remat_policy", "none"),
+          "logits_chunk": config.model.get("logits_chunk", 0),
           "batch_size": config.batch_size, "grad_accum": config.grad_accum,
           # the per-example length the report prints: tokens, patches (1 for plain examples)
           "seq_len": task.units_per_example(), "unit": task.unit,

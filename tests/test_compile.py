@@ -4,14 +4,22 @@ libtpu (from PyPI) is kept out of the project's environment, because it makes ev
 TPU initialisation errors: this test makes a separate environment, .venv-tpu, the first time.
 """
 
+import glob
+import json
 import os
+import shlex
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
 
+from configs import lm
 from foundation import compile as compile_lib
+from foundation import config as config_lib
+from foundation import mesh as mesh_lib
+from foundation.models import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_PYTHON = os.path.join(ROOT, ".venv-tpu", "bin", "python")
@@ -89,3 +97,58 @@ def test_report_says_by_how_much_it_does_not_fit():
   text = compile_lib.format_report(report, "v5p:4x4x4")
   assert "mesh fsdp=64" in text
   assert "does not fit, by 14.29 GiB (109.29 GiB needed, 95 GiB HBM per chip)" in text
+
+
+# Each size's smallest slice in docs/scaling.md (fewest chips, then least HBM); 3b gets 1b's.
+SMALLEST_SLICE = {"1b": "v4:2x2x2", "3b": "v4:2x2x2", "7b": "TPU v5 lite:8x8",
+                  "13b": "TPU v5 lite:8x16", "70b": "TPU v5 lite:16x16"}
+
+
+def recorded_fit(size: str) -> tuple[str, dict]:
+  """(the command that records `size`'s fit, its report in benchmarks/results/fit-<size>.json)."""
+  topology = SMALLEST_SLICE[size]
+  path = f"benchmarks/results/fit-{size}.json"
+  command = (f"python -m foundation.compile --config configs/lm.py:size={size} "
+             f"--topology {shlex.quote(topology)} --json {path}")
+  with open(os.path.join(ROOT, path)) as f:
+    return command, json.load(f)
+
+
+@pytest.mark.parametrize("size", SMALLEST_SLICE)
+def test_a_large_size_defaults_are_the_ones_recorded_to_fit_its_smallest_slice(size):
+  # Compiling a 7b step takes minutes, so the suite checks the record instead: the defaults
+  # (nothing overridden but the topology) were compiled for the slice, fitted, and are still the
+  # defaults. Changing one in configs/lm.py without re-running that command fails here.
+  command, report = recorded_fit(size)
+  assert report["command"] == command, f"re-run: {command}"
+  assert report["fits"] is True and report["bytes"]["total"] <= report["hbm_bytes"], report
+  config = lm.get_config(f"size={size}")
+  assert {k: report[k] for k in ("batch_size", "seq_len", "grad_accum", "remat_policy",
+                                 "logits_chunk")} == {
+      "batch_size": config.batch_size, "seq_len": config.seq_len,
+      "grad_accum": config.grad_accum, "remat_policy": config.model.remat_policy,
+      "logits_chunk": config.model.logits_chunk}, f"defaults changed since; re-run: {command}"
+  mcfg = transformer.ModelConfig.from_config(config.model)
+  input_table = 0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.d_model  # else counted once
+  assert report["params"] == transformer.non_embedding_params(mcfg) + input_table, "model changed"
+  # The defaults validate on the slice's chips as they are (fsdp=-1 fills the slice) and resolve
+  # to the mesh that was compiled.
+  chips = [types.SimpleNamespace(platform="tpu", slice_index=0, process_index=0)
+           ] * report["devices"]
+  config_lib.validate(config, chips, process_count=1)
+  assert mesh_lib.mesh_shape(config.mesh, chips)[0] == report["mesh"]
+  assert lm.FIT_DEFAULTS[size][0] == report["topology"]  # the config names the same slice
+
+
+def test_a_large_size_defaults_validate_on_every_slice_docs_scaling_names_for_it():
+  # Each micro-batch must split over the data-parallel ways of the bigger slices too, so that the
+  # defaults start there (with fewer rows per chip); docs/scaling.md names the one exception.
+  documented_override = {("70b", 512): {"grad_accum": 16}}
+  for path in glob.glob(os.path.join(ROOT, "benchmarks", "fit", "*.json")):
+    with open(path) as f:
+      report = json.load(f)
+    config = lm.get_config(f"size={report['size']}").unlock()
+    config.update(documented_override.get((report["size"], report["devices"]), {}))
+    chips = [types.SimpleNamespace(platform="tpu", slice_index=0, process_index=0)
+             ] * report["devices"]
+    config_lib.validate(config, chips, process_count=1)

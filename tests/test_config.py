@@ -49,6 +49,13 @@ def test_every_size_is_a_valid_locked_config():
       config.model.n_layer = 3  # locked: a typo is an error, not a new field
 
 
+def test_a_classifier_fine_tune_of_every_size_is_valid():
+  # Sizes from 1b up default to gradient accumulation, which the classifier step refuses.
+  from configs import finetune
+  for size in lm.SIZES:
+    config_lib.check_values(finetune.get_config(f"task=classify,base={size}"))
+
+
 def test_quick_mode_shortens_the_run():
   assert lm.get_config("size=tiny,quick").steps < lm.get_config("size=tiny").steps
 
