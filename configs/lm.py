@@ -147,6 +147,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ignored once the workdir has its own checkpoints.
   config.init_from = ""
   config.init_from_partial = False  # load the params whose names and shapes match; init the rest
+  config.init_from_skip = ""       # comma-separated regexes of params to init afresh ('head/.*')
   config.guard = common.guard_config()
   config.checkpoint = common.checkpoint_config()
   config.eval = common.eval_config()

@@ -204,14 +204,16 @@ def _flat(tree) -> dict[str, Any]:
   return {_key(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: str, target, partial: bool = False, expected=lambda key: False):
+def load_params(path: str, target, partial: bool = False, expected=lambda key: False,
+                skip=lambda key: False):
   """(params, description): the params of the checkpoint at `path` (see resolve_init_from),
   restored straight into `target`'s shardings (a tree of jax.ShapeDtypeStruct).
 
   The optimizer state on disk is never read. Names or shapes that differ are an error listing
   them, unless `partial`: then the params that match are loaded and the others are returned as
   None leaves for the caller to fill, and listed. `expected(key)` names differences that are
-  no error (a fine-tuning model's new adapters or head); those are left to init too.
+  no error (a fine-tuning model's new adapters or head); those are left to init too. `skip(key)`
+  names params never loaded, whatever is on disk (`init_from_skip`: a new head).
   """
   folder, step = resolve_init_from(path)
   handler = ocp.PyTreeCheckpointHandler()
@@ -220,9 +222,10 @@ def load_params(path: str, target, partial: bool = False, expected=lambda key: F
     raise ValueError(f"{folder}/{step}/state has no 'params' (items: {sorted(saved)})")
   on_disk = {k: tuple(v.shape) for k, v in _flat(saved["params"]).items()}
   wanted = {k: tuple(v.shape) for k, v in _flat(target).items()}
-  missing = sorted(k for k in set(wanted) - set(on_disk) if not expected(k))
-  unexpected = sorted(k for k in set(on_disk) - set(wanted) if not expected(k))
-  reshaped = sorted(k for k in set(wanted) & set(on_disk) if wanted[k] != on_disk[k])
+  missing = sorted(k for k in set(wanted) - set(on_disk) if not (expected(k) or skip(k)))
+  unexpected = sorted(k for k in set(on_disk) - set(wanted) if not (expected(k) or skip(k)))
+  reshaped = sorted(k for k in set(wanted) & set(on_disk)
+                    if wanted[k] != on_disk[k] and not skip(k))
   problems = ([f"not in the checkpoint: {', '.join(missing)}"] if missing else []) + (
       [f"only in the checkpoint: {', '.join(unexpected)}"] if unexpected else []) + (
       [f"shapes differ: " + ", ".join(f"{k} {on_disk[k]} on disk vs {wanted[k]} here"
@@ -231,7 +234,7 @@ def load_params(path: str, target, partial: bool = False, expected=lambda key: F
     raise ValueError(f"init_from={path!r} (step {step}) does not match this model's params; "
                      + "; ".join(problems) + ". Set --config.init_from_partial=True to load the "
                      "matching ones and initialise the rest")
-  load = {k for k in wanted if k in on_disk and wanted[k] == on_disk[k]}
+  load = {k for k in wanted if k in on_disk and wanted[k] == on_disk[k] and not skip(k)}
   item = {"params": _only(target, load)}
   manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -239,7 +242,7 @@ def load_params(path: str, target, partial: bool = False, expected=lambda key: F
       partial_restore=True)))["state"]["params"]
   manager.close()
   note = f"{folder}/{step}: {len(load)} of {len(wanted)} param arrays"
-  new = sorted(k for k in set(wanted) - load if expected(k))
+  new = sorted(k for k in set(wanted) - load if expected(k) or skip(k))
   if new:
     note += f" ({len(new)} new, initialised: {', '.join(new[:6])}{', ...' if len(new) > 6 else ''})"
   if problems:

@@ -60,6 +60,7 @@ def check_values(config) -> None:
     raise ConfigError(f"checkpoint.every={config.checkpoint.every} must be positive")
   if "guard" in config:
     check_start_and_guard(config)
+  init_from_skip(config)
 
 
 def check_start_and_guard(config) -> None:
@@ -80,6 +81,22 @@ def check_start_and_guard(config) -> None:
   except ValueError:
     raise ConfigError(f"guard.inject_nan_at={g.inject_nan_at!r} must be comma-separated step "
                       f"numbers, e.g. '7,12'") from None
+
+
+def init_from_skip(config) -> list:
+  """The compiled patterns of `init_from_skip` ('head/.*,pos_embedding'): params whose path
+  ('head/kernel') matches one are initialised, not loaded from init_from (big_vision's
+  `dont_load`)."""
+  import re  # pylint: disable=g-import-not-at-top
+  patterns = []
+  for part in str(config.get("init_from_skip", "")).split(","):
+    if part.strip():
+      try:
+        patterns.append(re.compile(part.strip()))
+      except re.error as e:
+        raise ConfigError(f"init_from_skip={config.init_from_skip!r}: {part.strip()!r} is not a "
+                          f"regular expression ({e})") from None
+  return patterns
 
 
 def inject_nan_steps(config) -> tuple[int, ...]:

@@ -155,6 +155,7 @@ def run_config(steps: int, batch_size: int, lr: float) -> ml_collections.ConfigD
   config.resume = "auto"           # 'auto' or 'required' (docs/reliability.md)
   config.init_from = ""            # a workdir or checkpoints/<step>: start from its params
   config.init_from_partial = False  # load the params whose names and shapes match; init the rest
+  config.init_from_skip = ""       # comma-separated regexes of params to init afresh ('head/.*')
   config.guard = guard_config()
   config.checkpoint = checkpoint_config()
   config.eval = eval_config()

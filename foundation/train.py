@@ -83,9 +83,11 @@ def start_state(config, workdir, manager, built, train_iter, say):
   if not config.init_from:
     say("started from scratch (no checkpoint in the workdir)")
     return state
-  params, note = checkpoint.load_params(config.init_from, built.abstract_state["params"],
-                                        config.init_from_partial,
-                                        lambda key: finetune.expected_difference(key, config))
+  skip = config_lib.init_from_skip(config)  # params to initialise afresh (a new head)
+  params, note = checkpoint.load_params(
+      config.init_from, built.abstract_state["params"], config.init_from_partial,
+      expected=lambda key: finetune.expected_difference(key, config),
+      skip=lambda key: any(pattern.match(key) for pattern in skip))
   params = jax.tree.map(lambda loaded, fresh: fresh if loaded is None else loaded,
                         params, state["params"], is_leaf=lambda x: x is None)
   say(f"started from the params of {note}, with a fresh optimizer")

@@ -49,6 +49,7 @@ def image_data_config() -> ml_collections.ConfigDict:
       # image_ops chains (foundation/data/image_ops.py); sizes in them must give image_size.
       pp_train="decode|flip_lr|value_range(-1,1)",
       pp_eval="decode|value_range(-1,1)",
+      classes="",              # embedded/files: keep these comma-separated class names ('' all)
       image_feature="image",   # TFDS feature names
       label_feature="label",
       train_split="train",     # TFDS splits; files: eval_split is the sub-folder of eval images
@@ -206,8 +207,29 @@ def read_split(config, split: str) -> ImageSet:
     data = _files(config, split)
   else:
     data = _tfds_eval(config, _tfds_builder(config))
+  data = only_classes(data, config.data.get("classes", ""), kind)
   check_labels(config, data.labels, data.class_names, f"the {split} split")
   return data
+
+
+def only_classes(data: ImageSet, classes: str, kind: str) -> ImageSet:
+  """The examples of the comma-separated class names `classes` (data.classes; '' keeps all),
+  relabelled 0..k-1 in that order: a sub-task of a dataset (transfer to new classes)."""
+  names = [c.strip() for c in classes.split(",") if c.strip()]
+  if not names:
+    return data
+  if kind == "tfds":
+    raise ValueError(f"data.classes={classes!r} selects classes of an in-memory source "
+                     f"('embedded' or 'files:DIR'); a TFDS source streams all of its classes")
+  unknown = [n for n in names if n not in data.class_names]
+  if unknown:
+    raise ValueError(f"data.classes={classes!r}: {unknown[0]!r} is not a class of the source "
+                     f"(its classes: {', '.join(data.class_names)})")
+  old = np.asarray([data.class_names.index(n) for n in names])
+  keep = np.isin(data.labels, old)
+  new_label = {int(o): i for i, o in enumerate(old)}
+  labels = np.asarray([new_label[int(l)] for l in data.labels[keep]], np.int32)
+  return ImageSet(data.raw[keep], labels, tuple(names), f"{data.identity} classes {names}")
 
 
 def check_labels(config, labels: np.ndarray, class_names, what: str) -> None:
