@@ -116,6 +116,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def restore_data(manager: ocp.CheckpointManager, step: int, data_iterator) -> None:
+  """Moves `data_iterator` to the input position saved with `step`, in place."""
+  manager.restore(step, args=ocp.args.Composite(data=DataIteratorRestore(data_iterator)))
+
+
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   """The metadata JSON saved with `step` (no arrays are read)."""
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -136,33 +141,57 @@ def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, say,
-                   check=lambda step: None):
-  """(state, step) from the newest checkpoint that restores; (None, None) when there is none.
+                   check=lambda step, meta: None):
+  """(state, step, meta) from the newest checkpoint that restores; (None, None, None) when there
+  is none.
 
-  A checkpoint that fails to read (a corrupted or truncated file) is moved to
-  WORKDIR/corrupt_checkpoints/ with a line saying why, and the next older one is tried: the run
-  loses the steps since that one, never the whole run, and never trains on garbage silently.
-  `say` prints a line for the user; `check(step)` may refuse a checkpoint (ValueError) before
-  it is read.
+  A checkpoint any part of which fails to read (its meta JSON, the state arrays, the input
+  position: a missing, truncated, garbled or corrupted file) is moved to
+  WORKDIR/corrupt_checkpoints/ with a line naming the file and why, and the next older one is
+  tried: the run loses the steps since that one, never the whole run, and never trains on garbage
+  silently. `say` prints a line for the user; `check(step, meta)` may refuse a readable checkpoint
+  (ValueError: another tokenizer or data) before its arrays are read: a refusal, not corruption.
   """
   while (step := manager.latest_step()) is not None:
-    if not has_item(manager, step, "data") and "imported_from" in read_meta(manager, step):
+    folder = manager.directory / str(step)
+    try:
+      meta = read_meta(manager, step)
+      if not isinstance(meta, dict) or meta.get("step") != step:
+        raise ValueError(f"it holds {str(meta)[:100]!r}, not this step's metadata")
+    except Exception as e:  # pylint: disable=broad-except
+      set_aside(manager, step, folder / "meta" / "metadata", e, say)
+      continue
+    if not has_item(manager, step, "data") and "imported_from" in meta:
       # An imported model (python -m foundation.hf import) has no input position to resume.
       raise ValueError(
           f"{manager.directory}/0 holds imported weights, not a training run: fine-tune or "
           f"continue pre-training in a new workdir with "
           f"--config.init_from={manager.directory.parent}")
-    check(step)
+    check(step, meta)
     try:
-      return restore(manager, step, abstract_state, data_iterator), step
+      state = restore(manager, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, (ValueError, KeyError)) and "shape" in str(e).lower():
         raise  # a config that does not match the checkpoint: not corruption
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-      moved = quarantine(manager, step)
-      say(f"WARNING: the checkpoint at step {step} could not be read ({reason}); moved it to "
-          f"{moved} and trying the one before it")
-  return None, None
+      set_aside(manager, step, folder / "state", e, say)
+      continue
+    if data_iterator is not None:
+      try:
+        restore_data(manager, step, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        set_aside(manager, step, folder / "data", e, say)
+        continue
+    return state, step, meta
+  return None, None, None
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, part, error: Exception, say) -> None:
+  """Quarantines checkpoint `step`, whose `part` (a file or item folder) could not be read, with
+  one line naming it and the error."""
+  text = str(error).splitlines()[0][:300] if str(error) else ""
+  moved = quarantine(manager, step)
+  say(f"WARNING: the checkpoint at step {step} could not be read ({part}: "
+      f"{type(error).__name__}: {text}); moved it to {moved} and trying the one before it")
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int) -> str:
@@ -292,12 +321,29 @@ def config_differences(saved: dict, config) -> list[str]:
   return changed
 
 
-def check_same_run(workdir: str, config) -> None:
-  """Refuses to resume a workdir that another config wrote (its config.json), naming the fields."""
+def check_same_run(workdir: str, config, say=print) -> None:
+  """Refuses to resume a workdir that another config wrote (its config.json), naming the fields.
+
+  A config.json that cannot be read (garbled, truncated) is moved to corrupt_checkpoints/ with a
+  warning, like a damaged checkpoint: this run writes it again; the checkpoints' own metadata
+  still refuses other data or another tokenizer, and their shapes another model.
+  """
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
-  changed = config_differences(json.loads(path.read_text()), config)
+  try:
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):
+      raise ValueError(f"it holds a {type(saved).__name__}, not a config")
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    target = path.parent / "corrupt_checkpoints" / f"config.json-{int(time.time())}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(os.fspath(path), os.fspath(target))
+    say(f"WARNING: {path} could not be read ({type(e).__name__}: {str(e)[:200]}); moved it to "
+        f"{target}; the config is checked against the checkpoints' metadata only")
+    return
+  changed = config_differences(saved, config)
   if changed:
     raise ValueError(
         f"{workdir} was written by another config; these fields differ from its config.json: "

@@ -143,13 +143,22 @@ def split_micro_batches(batch, n: int):
 SPIKE_MEAN_DECAY = 0.99  # the running loss mean of the spike guard spans about 100 steps
 
 
-def guard_update(guard: dict, loss, grad_norm, config):
+def all_finite(tree):
+  """True (a bool scalar) when every number in `tree` is finite: one fused reduction, no copy."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def guard_update(guard: dict, loss, grad_norm, config, result_finite=True):
   """(apply, new guard): whether this step's update may be applied, and the guard's new state.
 
-  An update is refused when its loss or gradient norm is not finite, or (guard.loss_spike > 0)
-  when its loss is above loss_spike x the running mean of the good steps' losses.
+  An update is refused when its loss or gradient norm is not finite, when its result (the new
+  params and optimizer state: `result_finite`) is not (a huge or NaN learning rate, an overflow
+  in the optimizer), or (guard.loss_spike > 0) when its loss is above loss_spike x the running
+  mean of the good steps' losses.
   """
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & result_finite
   spike = config.guard.loss_spike
   if spike:
     ok &= ~((guard["good_steps"] >= config.guard.spike_warmup) & (loss > spike * guard["loss_mean"]))
@@ -167,8 +176,9 @@ def make_train_step(model, optimizer, config):
 
   With config.grad_accum = n > 1 the batch is processed as n micro-batches in a lax.scan, the
   gradients summed: the same update as one step on the whole batch, with 1/n of the activations.
-  A step with non-finite loss or gradients (or a loss spike, when guarded) leaves params and
-  optimizer state exactly as they were; metrics['skipped'] says so.
+  A step with non-finite loss or gradients, or whose new params or optimizer state are not finite
+  (or a loss spike, when guarded), leaves params and optimizer state exactly as they were;
+  metrics['skipped'] says so (metrics['nonfinite_update'] = 1: the result was not finite).
   """
   schedule = optim.learning_rate_schedule(config)
   z_weight = config.optim.z_loss
@@ -215,13 +225,16 @@ def make_train_step(model, optimizer, config):
     params = optax.apply_updates(state["params"], updates)
     mask = finetune.trainable_mask(state["params"], config)  # frozen leaves: the same bits
     params = jax.tree.map(lambda new, old, m: new if m else old, params, state["params"], mask)
-    apply, guard = guard_update(state["guard"], loss, grad_norm, config)
+    # The result is checked too: finite gradients times a NaN or overflowing learning rate.
+    result_finite = all_finite((params, opt_state))
+    apply, guard = guard_update(state["guard"], loss, grad_norm, config, result_finite)
     keep_if_bad = lambda new, old: jnp.where(apply, new, old)
     params = jax.tree.map(keep_if_bad, params, state["params"])
     opt_state = jax.tree.map(keep_if_bad, opt_state, state["opt_state"])
     metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "lr": schedule(state["step"]), "skipped": guard["skipped"],
-               "skipped_in_a_row": guard["skipped_in_a_row"]}
+               "skipped_in_a_row": guard["skipped_in_a_row"],
+               "nonfinite_update": (~result_finite).astype(jnp.int32)}
     if z_weight:
       metrics["z_loss"] = z_weight * z_sum / n_tokens
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,

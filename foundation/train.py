@@ -82,14 +82,13 @@ def start_state(config, workdir, manager, model, optimizer, mesh, abstract_state
   """The state to train from: the workdir's newest readable checkpoint (with the input position),
   else `init_from`'s params with a fresh optimizer, else a fresh init from `config.seed`."""
 
-  def check_data(step):  # another tokenizer, vocab, seq_len, data or host count: refuse, clearly
-    data.check_resume(checkpoint.read_meta(manager, step).get("data"), train_iter.description(),
-                      step)
+  def check_data(step, meta):  # another tokenizer, vocab, seq_len, data or host count: refuse
+    data.check_resume(meta.get("data"), train_iter.description(), step)
 
-  state, step = checkpoint.restore_latest(manager, abstract_state, train_iter, say, check_data)
+  state, step, meta = checkpoint.restore_latest(manager, abstract_state, train_iter, say,
+                                                check_data)
   if state is not None:
-    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
-        checkpoint.read_meta(manager, step)["time"]))
+    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("time", 0)))
     say(f"resumed from the checkpoint at step {step} (saved {saved_at}); the steps after it are "
         f"run again")
     return state
@@ -116,7 +115,8 @@ def check_guard(step: int, metrics: dict, config, manager, say) -> None:
     return
   loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
   why = ("non-finite loss or gradients" if not np.isfinite(loss) or not np.isfinite(grad_norm)
-         else f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
+         else "the update's result (new params or optimizer state) is not finite"
+         if metrics.get("nonfinite_update") else f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
               f"recent mean)")
   say(f"step {step}: {why} (loss {loss:.4g}, grad norm {grad_norm:.4g}): update skipped, params "
       f"and optimizer state unchanged ({int(metrics['skipped_in_a_row'])} in a row, "
@@ -182,7 +182,7 @@ def train(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ Checkpoint: resume or start
   try:  # a workdir written by another config is refused, naming the fields
-    checkpoint.check_same_run(workdir, config)
+    checkpoint.check_same_run(workdir, config, reporter.print)
     leftovers = checkpoint.incomplete_saves(workdir)  # the manager deletes them as it starts
     manager = checkpoint.make_manager(workdir, config)
     if leftovers:
@@ -203,7 +203,7 @@ def train(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ Loop
   train_metrics, eval_metrics, preempted_at = {}, {}, None
-  guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row")
+  guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row", "nonfinite_update")
   with step_lib.sharding_context(config, mesh), preemption_lib.Preemption() as preemption:
     if eval_batches and first_step == 0:
       eval_metrics = evaluate(eval_step, state["params"], eval_batches, batch_sharding)
