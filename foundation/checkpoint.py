@@ -14,9 +14,12 @@ are tensorstore (OCDBT), the rest JSON, the tf.data position TensorFlow's checkp
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -73,6 +76,7 @@ def incomplete_saves(workdir: str) -> list[str]:
 
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  logging.getLogger("absl").addFilter(_QUIET_ORBAX_ERRORS)  # save_failed says it in one line
   return ocp.CheckpointManager(
       checkpoints_dir(workdir),
       options=ocp.CheckpointManagerOptions(
@@ -96,12 +100,86 @@ def run_metadata(step: int, data_iterator=None) -> dict:
   return meta
 
 
+# sysexits.h EX_IOERR: a checkpoint could not be written (disk full, permission denied, a quota).
+EXIT_SAVE_FAILED = 74
+
+
+class SaveFailed(Exception):
+  """A checkpoint save failed; the message names the folder, the OS error and the last good one."""
+
+
+_STARTED = weakref.WeakKeyDictionary()  # manager -> the step of its newest started save
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
-  """Starts an (async) save of the state and the iterator position after `step` steps."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=DataIteratorSave(data_iterator),
-      meta=ocp.args.JsonSave(run_metadata(step, data_iterator))))
+  """Starts an (async) save of the state and the iterator position after `step` steps.
+
+  Raises SaveFailed when it cannot start (the previous save failed, or the synchronous part,
+  the input position, cannot be written)."""
+  wait_for_saves(manager)  # the previous save's failure is reported as that step's
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=DataIteratorSave(data_iterator),
+        meta=ocp.args.JsonSave(run_metadata(step, data_iterator))))
+  except Exception as e:  # pylint: disable=broad-except
+    raise save_failed(manager, step, e) from None
+  _STARTED[manager] = step
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises SaveFailed as soon as a finished async save turns out to have failed. Cheap enough
+  for every step: while a save is being written it returns at once, without waiting."""
+  if not manager.is_saving_in_progress():
+    wait_for_saves(manager)
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for a started save to commit; raises SaveFailed when it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise save_failed(manager, _STARTED.get(manager), e) from None
+
+
+def os_error(error: Exception) -> str:
+  """The operating system's words for why a write failed, e.g. '[Errno 28] No space left on
+  device'; else the error's first line."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.errno:
+      return f"[Errno {e.errno}] {e.strerror}"
+  text = str(error)
+  code = re.search(r"os_error_code='?(\d+)", text)  # tensorstore's
+  if code:
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  # TensorFlow's and others' messages end with the C library's words: find them.
+  named = [(len(os.strerror(n)), n) for n in range(1, 134) if os.strerror(n) in text]
+  if named:
+    n = max(named)[1]
+    return f"[Errno {n}] {os.strerror(n)}"
+  text = text.splitlines()[0] if text else ""
+  return f"{type(error).__name__}: {text[:300]}"
+
+
+def save_failed(manager: ocp.CheckpointManager, step, error: Exception) -> SaveFailed:
+  last = manager.latest_step()
+  kept = (f"the last good checkpoint, step {last}, is kept: {manager.directory / str(last)}"
+          if last is not None else "there is no checkpoint yet")
+  return SaveFailed(
+      f"the checkpoint save at step {step} failed ({manager.directory / str(step)}: "
+      f"{os_error(error)}); {kept}. Free disk space or fix the folder's permissions, then run "
+      f"the same command again to resume (exit code {EXIT_SAVE_FAILED})")
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops Orbax's own ERROR records (tracebacks from its background threads): the trainer
+  reports each failed save or read itself, in one line."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_QUIET_ORBAX_ERRORS = _QuietOrbaxErrors()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):

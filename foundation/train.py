@@ -6,7 +6,8 @@ r"""Pre-trains a language model: one straight loop, readable top to bottom.
 Starting again with the same --workdir resumes from its latest complete checkpoint.
 Exit codes: 0 done; 75 preempted (SIGTERM / Ctrl-C: the step was saved, run the same command again
 to resume); 3 stopped on bad numbers (guard.nonfinite=stop or too many skipped steps in a row);
-1 a config or input error, named in one line. docs/reliability.md has the details.
+74 a checkpoint could not be written (named in one line; the last good one is kept); 1 a config
+or input error, named in one line. docs/reliability.md has the details.
 """
 
 import os
@@ -123,7 +124,7 @@ def check_guard(step: int, metrics: dict, config, manager, say) -> None:
       f"{int(metrics['skipped'])} in all)")
   in_a_row = int(metrics["skipped_in_a_row"])
   if config.guard.nonfinite == "stop" or in_a_row >= config.guard.max_skips_in_a_row:
-    manager.wait_until_finished()
+    checkpoint.wait_for_saves(manager)
     last = manager.latest_step()
     where = (f"the last checkpoint is step {last}: {manager.directory / str(last)}"
              if last is not None else "there is no checkpoint yet")
@@ -218,6 +219,7 @@ def train(config, workdir: str) -> dict:
         if step == first_step + 1:
           jax.block_until_ready(state)  # the first step compiles: time the rest only
           throughput.start(step)
+        checkpoint.check_saves(manager)  # a failed async save stops the run now, not later
         if previous:  # one step late, so the device never waits for this host
           check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
         previous = (step, {k: device_metrics[k] for k in guard_keys})
@@ -244,7 +246,7 @@ def train(config, workdir: str) -> dict:
       if previous:
         check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
     finally:
-      manager.wait_until_finished()  # a started save always completes, whatever stops the loop
+      checkpoint.wait_for_saves(manager)  # a started save completes, whatever stops the loop
     if preempted_at is not None:
       reporter.print(f"{preemption.signal_name}: saved the checkpoint at step {preempted_at} and "
                      f"stopped (exit code {preemption_lib.EXIT_PREEMPTED}); run the same command "
@@ -276,6 +278,9 @@ def main(argv):
   except RunStopped as e:
     print(f"foundation: {e}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_NUMBERS) from None
+  except checkpoint.SaveFailed as e:
+    print(f"foundation: {e}", file=sys.stderr)
+    raise SystemExit(checkpoint.EXIT_SAVE_FAILED) from None
   if result["preempted_at"] is not None:
     raise SystemExit(preemption_lib.EXIT_PREEMPTED)
 
