@@ -18,6 +18,8 @@ import logging
 import os
 import re
 import shutil
+import sys
+import tempfile
 import time
 import weakref
 from typing import Any
@@ -67,6 +69,28 @@ def checkpoints_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError (one line) when `workdir` is a file, lies under a file, or cannot be
+  written: before any compile, and without creating anything (the probe file is deleted)."""
+  if "://" in workdir:
+    return  # a bucket: its own errors name it
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--workdir {workdir} is a file, not a folder: give a folder (one that does "
+                     f"not exist yet is created)")
+  existing = path
+  while not os.path.exists(existing):  # the nearest folder that exists: where it will be made
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"--workdir {workdir} cannot be created: {existing} is a file, not a folder")
+  try:
+    with tempfile.TemporaryFile(dir=existing, prefix=".foundation-write-test-"):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} is not writable: {existing}: [Errno {e.errno}] "
+                     f"{e.strerror}") from None
+
+
 def incomplete_saves(workdir: str) -> list[str]:
   """Temporary folders of saves that never finished (a kill mid-save); the manager deletes them."""
   directory = checkpoints_dir(workdir)
@@ -77,13 +101,15 @@ def incomplete_saves(workdir: str) -> list[str]:
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
   logging.getLogger("absl").addFilter(_QUIET_ORBAX_ERRORS)  # save_failed says it in one line
+  if not getattr(sys.unraisablehook, "quiet", False):
+    sys.unraisablehook = _quiet_late_callbacks(sys.unraisablehook)
   return ocp.CheckpointManager(
       checkpoints_dir(workdir),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.checkpoint.keep,
           enable_async_checkpointing=config.checkpoint.async_save,
           cleanup_tmp_directories=True,
-          create=True),
+          create=False),  # the first save makes the folder: a refused start leaves none
       item_handlers={
           "state": ocp.StandardCheckpointHandler(),
           "data": DataIteratorHandler(),
@@ -180,6 +206,17 @@ class _QuietOrbaxErrors(logging.Filter):
 
 
 _QUIET_ORBAX_ERRORS = _QuietOrbaxErrors()
+
+
+def _quiet_late_callbacks(hook):
+  """sys.unraisablehook without the 'Event loop is closed' RuntimeErrors that tensorstore's write
+  callbacks report, one traceback per array, when Orbax has already given up on a failed save."""
+  def unraisablehook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  unraisablehook.quiet = True
+  return unraisablehook
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):

@@ -140,6 +140,7 @@ def train(config, workdir: str) -> dict:
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
   try:
+    checkpoint.check_workdir(workdir)  # a file, or not writable: say so before any compile
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     data.check_vocab_size(tokenizer, config)
   except ValueError as e:
@@ -169,8 +170,9 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Input
   try:  # a bad source, glob, feature, mixture or tokenizer is a config error, not a traceback
     train_iter, eval_batches = make_input(config)
-    # The tokenizer's files are kept in the workdir, fixed once checkpoints exist.
-    data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+    # The tokenizer's files are kept in the workdir, fixed once checkpoints exist: checked here,
+    # written once the run has started (a refused start writes nothing).
+    data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, write=False)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
@@ -193,8 +195,11 @@ def train(config, workdir: str) -> dict:
                         state_shardings, train_iter, reporter.print)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
-  checkpoint.write_config(workdir, config)
+  # Every check passed and the state is ready: only now is anything written to the workdir.
   first_step = int(jax.device_get(state["step"]))
+  checkpoint.write_config(workdir, config)
+  data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+  reporter.mark_start(first_step, resumed=first_step > 0)
 
   # ------------------------------------------------------------------ Steps
   train_step, eval_step = step_lib.jit_steps(model, optimizer, config, mesh, state_shardings)
