@@ -115,10 +115,13 @@ def check_guard(step: int, metrics: dict, config, manager, say) -> None:
   if not metrics["skipped_in_a_row"]:
     return
   loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-  why = ("non-finite loss or gradients" if not np.isfinite(loss) or not np.isfinite(grad_norm)
-         else "the update's result (new params or optimizer state) is not finite"
-         if metrics.get("nonfinite_update") else f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
-              f"recent mean)")
+  if not np.isfinite(loss) or not np.isfinite(grad_norm):
+    why = "non-finite loss or gradients"
+  elif metrics.get("nonfinite_update"):
+    why = "the update's result (new params or optimizer state) is not finite"
+  else:
+    why = (f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
+           f"recent mean)")
   say(f"step {step}: {why} (loss {loss:.4g}, grad norm {grad_norm:.4g}): update skipped, params "
       f"and optimizer state unchanged ({int(metrics['skipped_in_a_row'])} in a row, "
       f"{int(metrics['skipped'])} in all)")
