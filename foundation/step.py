@@ -182,7 +182,9 @@ def make_train_step(model, optimizer, config):
   """
   schedule = optim.learning_rate_schedule(config)
   z_weight = config.optim.z_loss
-  nan_steps = jnp.asarray(config_lib.inject_nan_steps(config), jnp.int32)
+  # Fault injection (guard.inject_nan_at) is in every run's program, with step -1 when there is
+  # none: a drill compiles the very program of a clean run, so its checkpoints are bit-identical.
+  nan_steps = jnp.asarray(config_lib.inject_nan_steps(config) or (-1,), jnp.int32)
 
   classifier = is_classifier(config)
 
@@ -217,9 +219,8 @@ def make_train_step(model, optimizer, config):
       grads, (ce_sum, z_sum) = grad_fn(state["params"], batch, n_tokens, rngs)
     # Frozen params (LoRA's base) get no update; their gradients do not count in the norm.
     grads = finetune.masked_grads(grads, finetune.trainable_mask(state["params"], config))
-    if nan_steps.size:  # fault injection: this step's gradients become NaN
-      poisoned = jnp.isin(state["step"] + 1, nan_steps)
-      grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+    poisoned = jnp.isin(state["step"] + 1, nan_steps)  # fault injection: NaN gradients
+    grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     loss, grad_norm = ce_sum / n_tokens, optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
