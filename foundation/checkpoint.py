@@ -100,7 +100,8 @@ def incomplete_saves(workdir: str) -> list[str]:
 
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
-  logging.getLogger("absl").addFilter(_QUIET_ORBAX_ERRORS)  # save_failed says it in one line
+  for logger in ("absl", "asyncio"):  # save_failed says it in one line
+    logging.getLogger(logger).addFilter(_QUIET_ORBAX_ERRORS)
   if not getattr(sys.unraisablehook, "quiet", False):
     sys.unraisablehook = _quiet_late_callbacks(sys.unraisablehook)
   return ocp.CheckpointManager(
@@ -198,11 +199,16 @@ def save_failed(manager: ocp.CheckpointManager, step, error: Exception) -> SaveF
 
 
 class _QuietOrbaxErrors(logging.Filter):
-  """Drops Orbax's own ERROR records (tracebacks from its background threads): the trainer
-  reports each failed save or read itself, in one line."""
+  """Drops Orbax's own ERROR records (tracebacks from its background threads), and asyncio's
+  'exception was never retrieved' about a checkpoint's writes: the trainer reports each failed
+  save or read itself, in one line."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
+    return not (record.name == "asyncio" and TMP_SUFFIX in record.getMessage())
 
 
 _QUIET_ORBAX_ERRORS = _QuietOrbaxErrors()
