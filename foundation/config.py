@@ -32,8 +32,28 @@ def _get(config, dotted: str):
   return value
 
 
+def float_fields(config, prefix: str = ""):
+  """(dotted name, value) of every float field, however deep (a tuple's items too)."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      yield from float_fields(value, f"{name}.")
+    elif isinstance(value, (tuple, list)):
+      yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+    elif isinstance(value, float):
+      yield name, value
+
+
+def check_finite(config) -> None:
+  """No float field is NaN or infinite: one would turn every param into NaN at the first update."""
+  for name, value in float_fields(config):
+    if not math.isfinite(value):
+      raise ConfigError(f"{name}={value} is not a finite number")
+
+
 def check_values(config) -> None:
   """Field-by-field checks that need no devices."""
+  check_finite(config)
   for field in POSITIVE:
     if _get(config, field) <= 0:
       raise ConfigError(f"{field} must be positive, got {_get(config, field)}")
