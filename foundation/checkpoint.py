@@ -14,9 +14,14 @@ are tensorstore (OCDBT), the rest JSON, the tf.data position TensorFlow's checkp
 
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
+import sys
+import tempfile
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -67,6 +72,28 @@ def checkpoints_dir(workdir: str) -> epath.Path:
   return epath.Path(workdir) / "checkpoints"
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError (one line) when `workdir` is a file, lies under a file, or cannot be
+  written: before any compile, and without creating anything (the probe file is deleted)."""
+  if "://" in workdir:
+    return  # a bucket: its own errors name it
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--workdir {workdir} is a file, not a folder: give a folder (one that does "
+                     f"not exist yet is created)")
+  existing = path
+  while not os.path.exists(existing):  # the nearest folder that exists: where it will be made
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"--workdir {workdir} cannot be created: {existing} is a file, not a folder")
+  try:
+    with tempfile.TemporaryFile(dir=existing, prefix=".foundation-write-test-"):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} is not writable: {existing}: [Errno {e.errno}] "
+                     f"{e.strerror}") from None
+
+
 def incomplete_saves(workdir: str) -> list[str]:
   """Temporary folders of saves that never finished (a kill mid-save); the manager deletes them."""
   directory = checkpoints_dir(workdir)
@@ -76,13 +103,17 @@ def incomplete_saves(workdir: str) -> list[str]:
 
 
 def make_manager(workdir: str, config) -> ocp.CheckpointManager:
+  for logger in ("absl", "asyncio"):  # save_failed says it in one line
+    logging.getLogger(logger).addFilter(_QUIET_ORBAX_ERRORS)
+  if not getattr(sys.unraisablehook, "quiet", False):
+    sys.unraisablehook = _quiet_late_callbacks(sys.unraisablehook)
   return ocp.CheckpointManager(
       checkpoints_dir(workdir),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.checkpoint.keep,
           enable_async_checkpointing=config.checkpoint.async_save,
           cleanup_tmp_directories=True,
-          create=True),
+          create=False),  # the first save makes the folder: a refused start leaves none
       item_handlers={
           "state": ocp.StandardCheckpointHandler(),
           "data": DataIteratorHandler(),
@@ -99,12 +130,102 @@ def run_metadata(step: int, data_iterator=None) -> dict:
   return meta
 
 
+# sysexits.h EX_IOERR: a checkpoint could not be written (disk full, permission denied, a quota).
+EXIT_SAVE_FAILED = 74
+
+
+class SaveFailed(Exception):
+  """A checkpoint save failed; the message names the folder, the OS error and the last good one."""
+
+
+_STARTED = weakref.WeakKeyDictionary()  # manager -> the step of its newest started save
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
-  """Starts an (async) save of the state and the iterator position after `step` steps."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=DataIteratorSave(data_iterator),
-      meta=ocp.args.JsonSave(run_metadata(step, data_iterator))))
+  """Starts an (async) save of the state and the iterator position after `step` steps.
+
+  Raises SaveFailed when it cannot start (the previous save failed, or the synchronous part,
+  the input position, cannot be written)."""
+  wait_for_saves(manager)  # the previous save's failure is reported as that step's
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=DataIteratorSave(data_iterator),
+        meta=ocp.args.JsonSave(run_metadata(step, data_iterator))))
+  except Exception as e:  # pylint: disable=broad-except
+    raise save_failed(manager, step, e) from None
+  _STARTED[manager] = step
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises SaveFailed as soon as a finished async save turns out to have failed. Cheap enough
+  for every step: while a save is being written it returns at once, without waiting."""
+  if not manager.is_saving_in_progress():
+    wait_for_saves(manager)
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> None:
+  """Waits for a started save to commit; raises SaveFailed when it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise save_failed(manager, _STARTED.get(manager), e) from None
+
+
+def os_error(error: Exception) -> str:
+  """The operating system's words for why a write failed, e.g. '[Errno 28] No space left on
+  device'; else the error's first line."""
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.errno:
+      return f"[Errno {e.errno}] {e.strerror}"
+  text = str(error)
+  code = re.search(r"os_error_code='?(\d+)", text)  # tensorstore's
+  if code:
+    return f"[Errno {code.group(1)}] {os.strerror(int(code.group(1)))}"
+  # TensorFlow's and others' messages end with the C library's words: find them.
+  named = [(len(os.strerror(n)), n) for n in range(1, 134) if os.strerror(n) in text]
+  if named:
+    n = max(named)[1]
+    return f"[Errno {n}] {os.strerror(n)}"
+  text = text.splitlines()[0] if text else ""
+  return f"{type(error).__name__}: {text[:300]}"
+
+
+def save_failed(manager: ocp.CheckpointManager, step, error: Exception) -> SaveFailed:
+  last = manager.latest_step()
+  kept = (f"the last good checkpoint, step {last}, is kept: {manager.directory / str(last)}"
+          if last is not None else "there is no checkpoint yet")
+  return SaveFailed(
+      f"the checkpoint save at step {step} failed ({manager.directory / str(step)}: "
+      f"{os_error(error)}); {kept}. Free disk space or fix the folder's permissions, then run "
+      f"the same command again to resume (exit code {EXIT_SAVE_FAILED})")
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops Orbax's own ERROR records (tracebacks from its background threads), and asyncio's
+  'exception was never retrieved' about a checkpoint's writes: the trainer reports each failed
+  save or read itself, in one line."""
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR:
+      return True
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+      return False
+    return not (record.name == "asyncio" and TMP_SUFFIX in record.getMessage())
+
+
+_QUIET_ORBAX_ERRORS = _QuietOrbaxErrors()
+
+
+def _quiet_late_callbacks(hook):
+  """sys.unraisablehook without the 'Event loop is closed' RuntimeErrors that tensorstore's write
+  callbacks report, one traceback per array, when Orbax has already given up on a failed save."""
+  def unraisablehook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and
+            str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  unraisablehook.quiet = True
+  return unraisablehook
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
@@ -117,6 +238,11 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
   if data_iterator is not None:
     items["data"] = DataIteratorRestore(data_iterator)
   return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def restore_data(manager: ocp.CheckpointManager, step: int, data_iterator) -> None:
+  """Moves `data_iterator` to the input position saved with `step`, in place."""
+  manager.restore(step, args=ocp.args.Composite(data=DataIteratorRestore(data_iterator)))
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -141,33 +267,57 @@ def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state, data_iterator, say,
-                   check=lambda step: None):
-  """(state, step) from the newest checkpoint that restores; (None, None) when there is none.
+                   check=lambda step, meta: None):
+  """(state, step, meta) from the newest checkpoint that restores; (None, None, None) when there
+  is none.
 
-  A checkpoint that fails to read (a corrupted or truncated file) is moved to
-  WORKDIR/corrupt_checkpoints/ with a line saying why, and the next older one is tried: the run
-  loses the steps since that one, never the whole run, and never trains on garbage silently.
-  `say` prints a line for the user; `check(step)` may refuse a checkpoint (ValueError) before
-  it is read.
+  A checkpoint any part of which fails to read (its meta JSON, the state arrays, the input
+  position: a missing, truncated, garbled or corrupted file) is moved to
+  WORKDIR/corrupt_checkpoints/ with a line naming the file and why, and the next older one is
+  tried: the run loses the steps since that one, never the whole run, and never trains on garbage
+  silently. `say` prints a line for the user; `check(step, meta)` may refuse a readable checkpoint
+  (ValueError: another tokenizer or data) before its arrays are read: a refusal, not corruption.
   """
   while (step := manager.latest_step()) is not None:
-    if not has_item(manager, step, "data") and "imported_from" in read_meta(manager, step):
+    folder = manager.directory / str(step)
+    try:
+      meta = read_meta(manager, step)
+      if not isinstance(meta, dict) or meta.get("step") != step:
+        raise ValueError(f"it holds {str(meta)[:100]!r}, not this step's metadata")
+    except Exception as e:  # pylint: disable=broad-except
+      set_aside(manager, step, folder / "meta" / "metadata", e, say)
+      continue
+    if not has_item(manager, step, "data") and "imported_from" in meta:
       # An imported model (python -m foundation.hf import) has no input position to resume.
       raise ValueError(
           f"{manager.directory}/0 holds imported weights, not a training run: fine-tune or "
           f"continue pre-training in a new workdir with "
           f"--config.init_from={manager.directory.parent}")
-    check(step)
+    check(step, meta)
     try:
-      return restore(manager, step, abstract_state, data_iterator), step
+      state = restore(manager, step, abstract_state)
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, (ValueError, KeyError)) and "shape" in str(e).lower():
         raise  # a config that does not match the checkpoint: not corruption
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-      moved = quarantine(manager, step)
-      say(f"WARNING: the checkpoint at step {step} could not be read ({reason}); moved it to "
-          f"{moved} and trying the one before it")
-  return None, None
+      set_aside(manager, step, folder / "state", e, say)
+      continue
+    if data_iterator is not None:
+      try:
+        restore_data(manager, step, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except
+        set_aside(manager, step, folder / "data", e, say)
+        continue
+    return state, step, meta
+  return None, None, None
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, part, error: Exception, say) -> None:
+  """Quarantines checkpoint `step`, whose `part` (a file or item folder) could not be read, with
+  one line naming it and the error."""
+  text = str(error).splitlines()[0][:300] if str(error) else ""
+  moved = quarantine(manager, step)
+  say(f"WARNING: the checkpoint at step {step} could not be read ({part}: "
+      f"{type(error).__name__}: {text}); moved it to {moved} and trying the one before it")
 
 
 def quarantine(manager: ocp.CheckpointManager, step: int) -> str:
@@ -300,12 +450,29 @@ def config_differences(saved: dict, config) -> list[str]:
   return changed
 
 
-def check_same_run(workdir: str, config) -> None:
-  """Refuses to resume a workdir that another config wrote (its config.json), naming the fields."""
+def check_same_run(workdir: str, config, say=print) -> None:
+  """Refuses to resume a workdir that another config wrote (its config.json), naming the fields.
+
+  A config.json that cannot be read (garbled, truncated) is moved to corrupt_checkpoints/ with a
+  warning, like a damaged checkpoint: this run writes it again; the checkpoints' own metadata
+  still refuses other data or another tokenizer, and their shapes another model.
+  """
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     return
-  saved = workdir_lib.portable(json.loads(path.read_text()), workdir)  # paths compared as stored
+  try:
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict):
+      raise ValueError(f"it holds a {type(saved).__name__}, not a config")
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    target = path.parent / "corrupt_checkpoints" / f"config.json-{int(time.time())}"
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(os.fspath(path), os.fspath(target))
+    say(f"WARNING: {path} could not be read ({type(e).__name__}: {str(e)[:200]}); moved it to "
+        f"{target}; the config is checked against the checkpoints' metadata only")
+    return
+  saved = workdir_lib.portable(saved, workdir)  # paths compared as stored
   changed = config_differences(saved, ml_collections.ConfigDict(
       workdir_lib.portable(config.to_dict(), workdir)))
   if changed:

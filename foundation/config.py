@@ -24,6 +24,25 @@ def _get(config, dotted: str):
   return value
 
 
+def float_fields(config, prefix: str = ""):
+  """(dotted name, value) of every float field, however deep (a tuple's items too)."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if hasattr(value, "items"):
+      yield from float_fields(value, f"{name}.")
+    elif isinstance(value, (tuple, list)):
+      yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+    elif isinstance(value, float):
+      yield name, value
+
+
+def check_finite(config) -> None:
+  """No float field is NaN or infinite: one would turn every param into NaN at the first update."""
+  for name, value in float_fields(config):
+    if not math.isfinite(value):
+      raise ConfigError(f"{name}={value} is not a finite number")
+
+
 def family_and_task(config):
   """(family class, task object) the config names; an unknown name is a ConfigError."""
   from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -35,6 +54,7 @@ def family_and_task(config):
 
 def check_values(config) -> None:
   """Field-by-field checks that need no devices: the core's, then the family's and the task's."""
+  check_finite(config)
   family, task = family_and_task(config)
   for field in POSITIVE + tuple(getattr(family, "POSITIVE", ())):
     if _get(config, field) <= 0:

@@ -4,6 +4,7 @@ Only process 0 writes; every process computes the same numbers.
 """
 
 import json
+import math
 import os
 import time
 
@@ -81,20 +82,28 @@ def format_metrics(metrics: dict) -> str:
 
 
 class Reporter:
-  """Console progress (a live bar on a terminal, plain lines otherwise), TensorBoard, metrics.jsonl."""
+  """Console progress (a live bar on a terminal, plain lines otherwise), TensorBoard, metrics.jsonl.
+
+  The files (and the workdir) are created at the first record, not before: a run refused before
+  its first step prints its lines and leaves no trace on disk.
+
+  metrics.jsonl is strict JSON, one object per line: {"step", "split", metric: value, ...}. A value
+  that is not finite is written as null, and the record's "nonfinite" lists those keys. Each start
+  of the trainer writes {"step": S, "split": "start", "resumed_from": S or null, "time": ...}
+  first: the records after it of steps above S are the ones that count, those before it of the
+  same steps were run once more after the resume.
+  """
 
   def __init__(self, workdir: str, total_steps: int, first_step: int = 0):
     self.enabled = jax.process_index() == 0
+    self.workdir = workdir
     # Log files and CI get whole lines, not lines wrapped at 80 columns.
     self.console = Console(highlight=False, width=None if Console().is_terminal else 200)
     self.progress = None
     self.tb = None
+    self.jsonl = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-    self.tb = SummaryWriter(logdir=workdir)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     if self.console.is_terminal:
       self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
@@ -102,6 +111,15 @@ class Reporter:
       self.task = self.progress.add_task("train", total=total_steps, completed=first_step,
                                          status="compiling…")
       self.progress.start()
+
+  def _files(self):
+    """(TensorBoard writer, metrics.jsonl), opened at the first record."""
+    if self.tb is None:
+      os.makedirs(self.workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+      self.tb = SummaryWriter(logdir=self.workdir)
+      self.jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    return self.tb, self.jsonl
 
   def print(self, text: str) -> None:
     if self.enabled:
@@ -112,15 +130,29 @@ class Reporter:
       fields = {"status": status} if status is not None else {}
       self.progress.update(self.task, completed=step, **fields)
 
+  def _append(self, record: dict) -> None:
+    self._files()[1].write(json.dumps(record, allow_nan=False) + "\n")
+    self.jsonl.flush()
+
+  def mark_start(self, step: int, resumed: bool) -> None:
+    """The restart marker line: this start trains from `step` (a resume: the steps after it that
+    metrics.jsonl already holds are run again, and their new records come after this line)."""
+    if self.enabled:
+      self._append({"step": step, "split": "start", "resumed_from": step if resumed else None,
+                    "time": time.time()})
+
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
     """Records scalars at `step` under prefix/ in TensorBoard and metrics.jsonl, and prints them."""
     if not self.enabled:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
+    tb, _ = self._files()
     for key, value in metrics.items():
-      self.tb.add_scalar(f"{prefix}/{key}", value, step)
-    self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
-    self.jsonl.flush()
+      tb.add_scalar(f"{prefix}/{key}", value, step)
+    nonfinite = [k for k, v in metrics.items() if not math.isfinite(v)]
+    record = {"step": step, "split": prefix,
+              **{k: (None if k in nonfinite else v) for k, v in metrics.items()}}
+    self._append({**record, "nonfinite": nonfinite} if nonfinite else record)
     line = f"{prefix} step {step:>6}  {format_metrics(metrics)}"
     self.print(line)
     if prefix == "train":
@@ -130,12 +162,13 @@ class Reporter:
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
-      self.tb.add_text(tag, text, step)
+      self._files()[0].add_text(tag, text, step)
 
   def close(self) -> None:
     if not self.enabled:
       return
     if self.progress is not None:
       self.progress.stop()
-    self.tb.close()
-    self.jsonl.close()
+    if self.tb is not None:
+      self.tb.close()
+      self.jsonl.close()

@@ -102,13 +102,22 @@ def split_micro_batches(batch, n: int, spec: dict):
 SPIKE_MEAN_DECAY = 0.99  # the running loss mean of the spike guard spans about 100 steps
 
 
-def guard_update(guard: dict, loss, grad_norm, config):
+def all_finite(tree):
+  """True (a bool scalar) when every number in `tree` is finite: one fused reduction, no copy."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def guard_update(guard: dict, loss, grad_norm, config, result_finite=True):
   """(apply, new guard): whether this step's update may be applied, and the guard's new state.
 
-  An update is refused when its loss or gradient norm is not finite, or (guard.loss_spike > 0)
-  when its loss is above loss_spike x the running mean of the good steps' losses.
+  An update is refused when its loss or gradient norm is not finite, when its result (the new
+  params and optimizer state: `result_finite`) is not (a huge or NaN learning rate, an overflow
+  in the optimizer), or (guard.loss_spike > 0) when its loss is above loss_spike x the running
+  mean of the good steps' losses.
   """
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & result_finite
   spike = config.guard.loss_spike
   if spike:
     ok &= ~((guard["good_steps"] >= config.guard.spike_warmup) & (loss > spike * guard["loss_mean"]))
@@ -128,13 +137,17 @@ def make_train_step(model, optimizer, config, task=None):
   and what the sums are divided by (`task.count`: tokens or rows, over the whole batch).
   With config.grad_accum = n > 1 the batch is processed as n micro-batches in a lax.scan, the
   gradients and sums added: the same update as one step on the whole batch, with 1/n of the
-  activations. A step with non-finite loss or gradients (or a loss spike, when guarded) leaves
-  params and optimizer state exactly as they were; metrics['skipped'] says so.
+  activations. A step with non-finite loss or gradients, or whose new params or optimizer state
+  are not finite (or a loss spike, when guarded), leaves params and optimizer state exactly as
+  they were; metrics['skipped'] says so (metrics['nonfinite_update'] = 1: the result was not
+  finite).
   """
   task = task or make_task(config)
   schedule = optim.learning_rate_schedule(config)
-  nan_steps = jnp.asarray(config_lib.inject_nan_steps(config), jnp.int32)
   frozen = has_frozen_params(config)
+  # Fault injection (guard.inject_nan_at) is in every run's program, with step -1 when there is
+  # none: a drill compiles the very program of a clean run, so its checkpoints are bit-identical.
+  nan_steps = jnp.asarray(config_lib.inject_nan_steps(config) or (-1,), jnp.int32)
 
   def scaled_loss(params, batch, count, rngs):
     sums = task.loss_sums(model, params, batch, rngs)
@@ -165,22 +178,24 @@ def make_train_step(model, optimizer, config, task=None):
     if frozen:  # LoRA's base gets no update; its gradients do not count in the norm
       mask = finetune.trainable_mask(state["params"], config)
       grads = finetune.masked_grads(grads, mask)
-    if nan_steps.size:  # fault injection: this step's gradients become NaN
-      poisoned = jnp.isin(state["step"] + 1, nan_steps)
-      grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+    poisoned = jnp.isin(state["step"] + 1, nan_steps)  # fault injection: NaN gradients
+    grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     task_metrics = task.train_metrics(sums, count)
     loss, grad_norm = task_metrics["loss"], optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     if frozen:  # frozen leaves: the same bits
       params = jax.tree.map(lambda new, old, m: new if m else old, params, state["params"], mask)
-    apply, guard = guard_update(state["guard"], loss, grad_norm, config)
+    # The result is checked too: finite gradients times a NaN or overflowing learning rate.
+    result_finite = all_finite((params, opt_state))
+    apply, guard = guard_update(state["guard"], loss, grad_norm, config, result_finite)
     keep_if_bad = lambda new, old: jnp.where(apply, new, old)
     params = jax.tree.map(keep_if_bad, params, state["params"])
     opt_state = jax.tree.map(keep_if_bad, opt_state, state["opt_state"])
     metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "lr": schedule(state["step"]), "skipped": guard["skipped"],
                "skipped_in_a_row": guard["skipped_in_a_row"],
+               "nonfinite_update": (~result_finite).astype(jnp.int32),
                **{k: v for k, v in task_metrics.items() if k != "loss"}}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
             "guard": guard}, metrics

@@ -6,7 +6,8 @@ r"""Pre-trains a language model: one straight loop, readable top to bottom.
 Starting again with the same --workdir resumes from its latest complete checkpoint.
 Exit codes: 0 done; 75 preempted (SIGTERM / Ctrl-C: the step was saved, run the same command again
 to resume); 3 stopped on bad numbers (guard.nonfinite=stop or too many skipped steps in a row);
-1 a config or input error, named in one line. docs/reliability.md has the details.
+74 a checkpoint could not be written (named in one line; the last good one is kept); 1 a config
+or input error, named in one line. docs/reliability.md has the details.
 """
 
 import os
@@ -63,15 +64,13 @@ def start_state(config, workdir, manager, built, train_iter, say):
   """The state to train from: the workdir's newest readable checkpoint (with the input position),
   else `init_from`'s params with a fresh optimizer, else a fresh init from `config.seed`."""
 
-  def check_data(step):  # another tokenizer, vocab, seq_len, data or host count: refuse, clearly
-    data.check_resume(checkpoint.read_meta(manager, step).get("data"), train_iter.description(),
-                      step)
+  def check_data(step, meta):  # another tokenizer, vocab, seq_len, data or host count: refuse
+    data.check_resume(meta.get("data"), train_iter.description(), step)
 
-  state, step = checkpoint.restore_latest(manager, built.abstract_state, train_iter, say,
-                                          check_data)
+  state, step, meta = checkpoint.restore_latest(manager, built.abstract_state, train_iter, say,
+                                                check_data)
   if state is not None:
-    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(
-        checkpoint.read_meta(manager, step)["time"]))
+    saved_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.get("time", 0)))
     say(f"resumed from the checkpoint at step {step} (saved {saved_at}); the steps after it are "
         f"run again")
     return state
@@ -99,15 +98,19 @@ def check_guard(step: int, metrics: dict, config, manager, say) -> None:
   if not metrics["skipped_in_a_row"]:
     return
   loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-  why = ("non-finite loss or gradients" if not np.isfinite(loss) or not np.isfinite(grad_norm)
-         else f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
-              f"recent mean)")
+  if not np.isfinite(loss) or not np.isfinite(grad_norm):
+    why = "non-finite loss or gradients"
+  elif metrics.get("nonfinite_update"):
+    why = "the update's result (new params or optimizer state) is not finite"
+  else:
+    why = (f"loss spike (loss {loss:.4g} > guard.loss_spike={config.guard.loss_spike} x the "
+           f"recent mean)")
   say(f"step {step}: {why} (loss {loss:.4g}, grad norm {grad_norm:.4g}): update skipped, params "
       f"and optimizer state unchanged ({int(metrics['skipped_in_a_row'])} in a row, "
       f"{int(metrics['skipped'])} in all)")
   in_a_row = int(metrics["skipped_in_a_row"])
   if config.guard.nonfinite == "stop" or in_a_row >= config.guard.max_skips_in_a_row:
-    manager.wait_until_finished()
+    checkpoint.wait_for_saves(manager)
     last = manager.latest_step()
     where = (f"the last checkpoint is step {last}: {manager.directory / str(last)}"
              if last is not None else "there is no checkpoint yet")
@@ -122,10 +125,12 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Devices and checks
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
-  try:  # the task's tokenizer (text tasks; None for others), checked against the vocabulary
+  try:
+    checkpoint.check_workdir(workdir)  # a file, or not writable: say so before any compile
     if "tokenizer" in config.get("data", {}):
       # A tokenizer named relative to the workdir, or moved away since: the workdir's own copy.
       config.data.tokenizer = workdir_lib.resolve_tokenizer(config.data.tokenizer, workdir)
+    # The task's tokenizer (text tasks; None for others), checked against the vocabulary.
     tokenizer = step_lib.make_task(config).tokenizer()
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
@@ -152,9 +157,12 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Input
   try:  # a bad source, glob, feature, mixture or tokenizer is a config error, not a traceback
     train_iter, eval_batches = make_input(config, built.task)
-    if tokenizer is not None:  # the tokenizer's files are kept in the workdir
-      data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
-    finetune.store_labels(config, train_iter, workdir, jax.process_index() == 0, reporter.print)
+    # The tokenizer's files (and a classifier's labels) are kept in the workdir, fixed once
+    # checkpoints exist: checked here, written once the run has started (a refused start writes
+    # nothing).
+    if tokenizer is not None:
+      data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, write=False)
+    finetune.store_labels(config, train_iter, workdir, False, lambda line: None)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
@@ -167,7 +175,7 @@ def train(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ Checkpoint: resume or start
   try:  # a workdir written by another config is refused, naming the fields
-    checkpoint.check_same_run(workdir, config)
+    checkpoint.check_same_run(workdir, config, reporter.print)
     leftovers = checkpoint.incomplete_saves(workdir)  # the manager deletes them as it starts
     manager = checkpoint.make_manager(workdir, config)
     if leftovers:
@@ -176,8 +184,13 @@ def train(config, workdir: str) -> dict:
     state = start_state(config, workdir, manager, built, train_iter, reporter.print)
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
-  checkpoint.write_config(workdir, config)
+  # Every check passed and the state is ready: only now is anything written to the workdir.
   first_step = int(jax.device_get(state["step"]))
+  checkpoint.write_config(workdir, config)
+  if tokenizer is not None:
+    data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+  finetune.store_labels(config, train_iter, workdir, jax.process_index() == 0, reporter.print)
+  reporter.mark_start(first_step, resumed=first_step > 0)
 
   # ------------------------------------------------------------------ Steps
   train_step, eval_step = built.jit_steps()
@@ -188,7 +201,7 @@ def train(config, workdir: str) -> dict:
 
   # ------------------------------------------------------------------ Loop
   train_metrics, eval_metrics, preempted_at = {}, {}, None
-  guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row")
+  guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row", "nonfinite_update")
   with built.context(), preemption_lib.Preemption() as preemption:
     if eval_batches and first_step == 0:
       eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
@@ -203,6 +216,7 @@ def train(config, workdir: str) -> dict:
         if step == first_step + 1:
           jax.block_until_ready(state)  # the first step compiles: time the rest only
           throughput.start(step)
+        checkpoint.check_saves(manager)  # a failed async save stops the run now, not later
         if previous:  # one step late, so the device never waits for this host
           check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
         previous = (step, {k: device_metrics[k] for k in guard_keys})
@@ -229,7 +243,7 @@ def train(config, workdir: str) -> dict:
       if previous:
         check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
     finally:
-      manager.wait_until_finished()  # a started save always completes, whatever stops the loop
+      checkpoint.wait_for_saves(manager)  # a started save completes, whatever stops the loop
     if preempted_at is not None:
       reporter.print(f"{preemption.signal_name}: saved the checkpoint at step {preempted_at} and "
                      f"stopped (exit code {preemption_lib.EXIT_PREEMPTED}); run the same command "
@@ -262,6 +276,9 @@ def main(argv):
   except RunStopped as e:
     print(f"foundation: {e}", file=sys.stderr)
     raise SystemExit(EXIT_BAD_NUMBERS) from None
+  except checkpoint.SaveFailed as e:
+    print(f"foundation: {e}", file=sys.stderr)
+    raise SystemExit(checkpoint.EXIT_SAVE_FAILED) from None
   if result["preempted_at"] is not None:
     raise SystemExit(preemption_lib.EXIT_PREEMPTED)
 
