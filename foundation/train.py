@@ -186,9 +186,9 @@ def train(config, workdir: str) -> dict:
     raise config_lib.ConfigError(str(e)) from None
   # Every check passed and the state is ready: only now is anything written to the workdir.
   first_step = int(jax.device_get(state["step"]))
-  checkpoint.write_config(workdir, config)
-  if tokenizer is not None:
+  if tokenizer is not None:  # before config.json, which names the workdir's copy (relative)
     data.store_tokenizer(tokenizer, config.data.tokenizer, workdir, jax.process_index() == 0)
+  checkpoint.write_config(workdir, config)
   finetune.store_labels(config, train_iter, workdir, jax.process_index() == 0, reporter.print)
   reporter.mark_start(first_step, resumed=first_step > 0)
 
