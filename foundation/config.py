@@ -7,6 +7,7 @@ are caught earlier still, by the locked ConfigDict (`--config.a.b=value` parsing
 import math
 
 from foundation import mesh as mesh_lib
+from foundation import registry
 
 
 class ConfigError(ValueError):
@@ -45,9 +46,9 @@ def check_finite(config) -> None:
 
 def family_and_task(config):
   """(family class, task object) the config names; an unknown name is a ConfigError."""
-  from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
   try:
-    return step_lib.family(config), step_lib.make_task(config)
+    return (registry.get("family", config.model.get("family", "decoder"), field="model.family"),
+            registry.get("task", config.get("task", "lm"), field="task")(config))
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -24,12 +24,12 @@ from foundation import registry
 
 def family(config):
   """The model family `config.model.family` names (registry; 'decoder' for configs before it)."""
-  return registry.get("family", config.model.get("family", "decoder"), field="model.family")
+  return config_lib.family_and_task(config)[0]
 
 
 def make_task(config):
   """The task `config.task` names (registry), built from the config."""
-  return registry.get("task", config.get("task", "lm"), field="task")(config)
+  return config_lib.family_and_task(config)[1]
 
 
 def make_model(config):
