@@ -38,3 +38,14 @@ def did_you_mean(value: str, known) -> str:
   """" (did you mean 'tiny'?)" for the closest of `known`, or "" when none is close."""
   close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1, cutoff=0.5)
   return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def quick(config) -> None:
+  """`,quick`: a 20-step end-to-end check of any config (small evals, early checkpoints)."""
+  config.steps = 20
+  config.optim.warmup_steps = 5
+  config.eval.every = 10
+  config.eval.steps = 2
+  config.checkpoint.every = 10
+  config.log.every = 5
+  config.log.generate_tokens = min(config.log.generate_tokens, 16)

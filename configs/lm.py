@@ -169,11 +169,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every = 10
     config.log.generate_tokens = 8
   if args["quick"]:
-    config.steps = 20
-    config.optim.warmup_steps = 5
-    config.eval.every = 10
-    config.eval.steps = 2
-    config.checkpoint.every = 10
-    config.log.every = 5
-    config.log.generate_tokens = min(config.log.generate_tokens, 16)
+    common.quick(config)
   return config.lock()

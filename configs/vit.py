@@ -80,10 +80,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.steps = 4
     config.log.every = 10
   if args["quick"]:
-    config.steps = 20
-    config.optim.warmup_steps = 5
-    config.eval.every = 10
-    config.eval.steps = 2
-    config.checkpoint.every = 10
-    config.log.every = 5
+    common.quick(config)
   return config.lock()

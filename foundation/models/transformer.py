@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from foundation import registry
+from foundation import models
 from foundation.models import layers
 
 Array = jax.Array
@@ -139,16 +140,9 @@ class ModelConfig:
 
   @classmethod
   def from_config(cls, config: Any) -> "ModelConfig":
-    """From `config.model` (a ConfigDict or mapping); fields it has beyond these are ignored.
-
-    Fields with a default may be absent (a config.json written before they existed).
-    """
-    fields = dataclasses.fields(cls)
-    missing = [f.name for f in fields
-               if f.name not in config and f.default is dataclasses.MISSING]
-    if missing:
-      raise ValueError(f"config.model lacks {', '.join(missing)}")
-    return cls(**{f.name: f.type(config[f.name]) for f in fields if f.name in config})
+    """From `config.model`; fields it has beyond these are ignored, those with a default may be
+    absent (a config.json written before they existed)."""
+    return models.dataclass_from_config(cls, config)
 
   @property
   def lora_target_names(self) -> frozenset[str]:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from foundation import registry
+from foundation import models
 from foundation.models import layers
 from foundation.models import transformer
 
@@ -88,13 +89,8 @@ class ViTConfig:
 
   @classmethod
   def from_config(cls, config: Any) -> "ViTConfig":
-    """From `config.model` (a ConfigDict or mapping); fields it has beyond these are ignored."""
-    fields = dataclasses.fields(cls)
-    missing = [f.name for f in fields
-               if f.name not in config and f.default is dataclasses.MISSING]
-    if missing:
-      raise ValueError(f"config.model lacks {', '.join(missing)}")
-    return cls(**{f.name: f.type(config[f.name]) for f in fields if f.name in config})
+    """From `config.model`; fields it has beyond these are ignored."""
+    return models.dataclass_from_config(cls, config)
 
   @property
   def head_dim(self) -> int:
