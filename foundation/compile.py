@@ -178,14 +178,15 @@ def format_report(report: dict, topology: str) -> str:
     return "\n".join([
         f"{report['size']} on {topology}: {report['devices']} x {report['device_kind']}, mesh "
         f"{mesh}, remat {report['remat_policy']}, batch {report['batch_size']} x "
-        f"{report['seq_len']}", report["layout"],
+        f"{report['seq_len']} {report.get('unit', 'tokens')}", report["layout"],
         f"per device: params {b['params']:.2f} GiB, optimizer state "
         f"{b['optimizer_state']:.2f} GiB",
         f"does not fit: the compiler refused it: {report['compiler_refused']}"])
   lines = [
       f"{report['size']} ({report['params'] / 1e6:,.1f}M params) on {topology}: "
       f"{report['devices']} x {report['device_kind']}, mesh {mesh}, remat "
-      f"{report['remat_policy']}, batch {report['batch_size']} x {report['seq_len']}",
+      f"{report['remat_policy']}, batch {report['batch_size']} x {report['seq_len']} "
+      f"{report.get('unit', 'tokens')}",
       report["layout"],
       f"per device: params {b['params']:.2f} GiB, optimizer state {b['optimizer_state']:.2f} GiB, "
       f"batch {b['batch']:.3f} GiB, activations/temporaries {b['temporaries']:.2f} GiB, "

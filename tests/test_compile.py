@@ -152,3 +152,23 @@ def test_a_large_size_defaults_validate_on_every_slice_docs_scaling_names_for_it
     chips = [types.SimpleNamespace(platform="tpu", slice_index=0, process_index=0)
              ] * report["devices"]
     config_lib.validate(config, chips, process_count=1)
+
+
+def test_fit_check_for_a_vit(tmp_path):
+  """The fit check is the family's and task's own: a ViT, its image batch and FLOPs per image."""
+  report_file = tmp_path / "fit.json"
+  result = subprocess.run(
+      [tpu_python(), "-m", "foundation.compile", "--config", "configs/vit.py:size=test",
+       "--topology", "v5p:2x2x1", "--json", str(report_file)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": ROOT, "TPU_WORKER_HOSTNAMES": "localhost", "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "batch 32 x 16 patches" in result.stdout and "fits: " in result.stdout
+  report = json.loads(report_file.read_text())
+  from configs import vit as vit_configs  # pylint: disable=g-import-not-at-top
+  from foundation.models import vit  # pylint: disable=g-import-not-at-top
+  config = vit_configs.get_config("size=test")
+  cfg = vit.ViTConfig.from_config(config.model)
+  assert report["fits"] is True and report["unit"] == "patches"
+  assert report["params"] == vit.count_params(cfg, 32)
+  assert report["model_flops_per_step"] == pytest.approx(32 * vit.flops_per_example(cfg, 32))
