@@ -131,3 +131,20 @@ def test_bad_image_configs_are_one_line_errors(tmp_path, override, message):
   assert last.startswith("config error:") and message in last, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- fine-tuning from an encoder
+
+def test_fine_tuning_loads_the_encoder_and_a_fresh_head(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  result = _train(tmp_path / "ft", f"--config.init_from={workdir}", "--config.init_from_skip=head/.*",
+                  "--config.model.num_classes=5", "--config.data.classes=circle,square,triangle,"
+                  "plus,ring", "--config.steps=2", "--config.eval.every=0")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "2 new, initialised: head/bias, head/kernel" in result.stdout  # every other param loaded
+  # Without init_from_skip, the head of another shape is a one-line error naming it.
+  refused = _train(tmp_path / "bad", f"--config.init_from={workdir}", "--config.model.num_classes=5",
+                   "--config.data.classes=circle,square,triangle,plus,ring")
+  last = refused.stderr.strip().splitlines()[-1]
+  assert refused.returncode == 1 and last.startswith("config error: init_from=")
+  assert "head/kernel (32, 10) on disk vs (32, 5) here" in last
