@@ -195,8 +195,32 @@ def eval_sums(eval_step, params, eval_batches, batch_shardings) -> dict[str, flo
 
 
 def own_task(config) -> str:
-  """The task `eval` stands for on this run: 'perplexity', 'sft' or 'classify'."""
-  return {"sft": "sft", "classify": "classify"}.get(config.get("task", "lm"), "perplexity")
+  """The task `eval` stands for on this run: 'perplexity', 'sft' or 'classify' for the text
+  tasks; any other task's own name (its input's eval split, its own metrics: `OwnSplit`)."""
+  task = config.get("task", "lm")
+  return {"lm": "perplexity", "sft": "sft", "classify": "classify"}.get(task, task)
+
+
+class OwnSplit:
+  """Any task on its own input's eval split with the trainer's eval step and sums: the figures of
+  the trainer's eval/* (an image classifier: loss and top-1 accuracy)."""
+
+  def __init__(self, config, runtime: "Runtime"):
+    from foundation import registry  # pylint: disable=g-import-not-at-top
+    from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
+    self.name, self.runtime = config.task, runtime
+    self.task = step_lib.make_task(config)
+    make_input = registry.get("input", self.task.input, field=f"task {config.task!r}'s input")
+    _, self.batches = make_input(config, jax.process_index(), jax.process_count(), True)
+    self.sharding = step_lib.batch_shardings(config, runtime.mesh, self.task)
+    self.step = jax.jit(step_lib.make_eval_step(runtime.model, config, self.task))
+
+  def run(self, params) -> Iterator[tuple[str, float]]:
+    with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
+      sums = eval_sums(self.step, params, self.batches, self.sharding)
+    for key, value in self.task.eval_metrics(sums).items():
+      yield f"{self.name}/{key}", value
+    yield f"{self.name}/examples", sums.get("count", 0.0)
 
 
 class HeldOut:
@@ -424,6 +448,8 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
       evaluators.append(HeldOut(kind, config, runtime))
     elif kind == "classify" and not path:
       evaluators.append(Classification(config, runtime, workdir))
+    elif kind == config.get("task") and not path:  # another family's task on its own split
+      evaluators.append(OwnSplit(config, runtime))
     elif kind == "mc" and path:
       evaluators.append(MultipleChoice(path, runtime, **shared))
     elif kind == "gen" and path:

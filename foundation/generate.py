@@ -40,7 +40,6 @@ from flax import linen as nn
 
 from foundation import mesh as mesh_lib
 from foundation import workdir as workdir_lib
-from foundation.data import tokenizers
 from foundation.models import transformer
 
 # Prompt lengths are padded up to a power of two of at least this: few shapes, few compiles.
@@ -392,8 +391,8 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
   built = build_lib.build(config)
   model, mesh = built.model, built.mesh
   params, step = restore_params(workdir, built.abstract_state["params"], step)
-  tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
-  labels = label_names(workdir, config) if config.model.get("num_classes", 0) > 0 else None
+  tokenizer = built.task.tokenizer()  # None for a task without text (images)
+  labels = label_names(workdir, config) if config.get("task") == "classify" else None
   return Session(config, model, params, tokenizer, mesh, step, labels)
 
 

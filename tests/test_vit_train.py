@@ -148,3 +148,19 @@ def test_fine_tuning_loads_the_encoder_and_a_fresh_head(uninterrupted, tmp_path)
   last = refused.stderr.strip().splitlines()[-1]
   assert refused.returncode == 1 and last.startswith("config error: init_from=")
   assert "head/kernel (32, 10) on disk vs (32, 5) here" in last
+
+
+def test_evaluate_gives_the_trainers_top1(uninterrupted, tmp_path):
+  """`python -m foundation.evaluate --workdir` on a ViT run: its task on its own eval split, the
+  same figures as the trainer's last eval."""
+  workdir, _ = uninterrupted
+  out = tmp_path / "eval.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "foundation.evaluate", "--workdir", str(workdir), "--output",
+       str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stdout + result.stderr
+  figures = json.loads(out.read_text())
+  trainer = _records(workdir, "eval")[120]
+  np.testing.assert_allclose(figures["image_classify/accuracy"], trainer["accuracy"], rtol=1e-6)
+  np.testing.assert_allclose(figures["image_classify/loss"], trainer["loss"], rtol=1e-6)
