@@ -391,7 +391,9 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
   built = build_lib.build(config)
   model, mesh = built.model, built.mesh
   params, step = restore_params(workdir, built.abstract_state["params"], step)
-  tokenizer = built.task.tokenizer()  # None for a task without text (images)
+  # None for a task without text (images). No vocabulary check: an imported model may be driven
+  # by a caller's own tokenizer (Session.tokenizer).
+  tokenizer = built.task.tokenizer(check_vocab=False)
   labels = label_names(workdir, config) if config.get("task") == "classify" else None
   return Session(config, model, params, tokenizer, mesh, step, labels)
 

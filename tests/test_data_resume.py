@@ -197,7 +197,7 @@ def test_the_eval_loss_is_the_same_with_one_or_two_processes(tmp_path):
 
   def metric(batches):
     outs = [jax.device_get(eval_step(params, b)) for b in batches]
-    return sum(float(o["loss_sum"]) for o in outs) / sum(float(o["tokens"]) for o in outs)
+    return sum(float(o["loss_sum"]) for o in outs) / sum(float(o["count"]) for o in outs)
   assert np.isfinite(metric(one)) and metric(one) == metric(assembled)
   assert sum(int(b["loss_mask"].sum()) for b in one) == sum(
       int(b["loss_mask"].sum()) for host in two for b in host)

@@ -46,8 +46,9 @@ class Task:
     """Logical axis -> the config field whose size it splits (mesh divisibility checks)."""
     return {}
 
-  def tokenizer(self):
-    """The tokenizer of a text task (checked against the model's vocabulary), else None."""
+  def tokenizer(self, check_vocab: bool = True):
+    """The tokenizer of a text task (checked against the model's vocabulary unless told not
+    to), else None."""
     return None
 
   # ---------------------------------------------------------------- batches

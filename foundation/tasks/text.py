@@ -77,10 +77,11 @@ class _TokenTask(base.Task):
   def units_per_example(self) -> int:
     return self.config.seq_len
 
-  def tokenizer(self):
+  def tokenizer(self, check_vocab: bool = True):
     from foundation import data  # pylint: disable=g-import-not-at-top
     tokenizer = data.make_tokenizer(self.config.data.tokenizer)
-    data.check_vocab_size(tokenizer, self.config)
+    if check_vocab:
+      data.check_vocab_size(tokenizer, self.config)
     return tokenizer
 
   def check(self, config) -> None:
