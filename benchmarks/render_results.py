@@ -37,6 +37,14 @@ def variant(r: dict) -> str:
           f"{r['remat_policy']}, logits_chunk {r['logits_chunk']}, {r['dtype']}{cublas}")
 
 
+def ratio(r: dict, peer: dict) -> float:
+  """Ours over the peer's tokens/s: an own run's recorded ratio (with --rounds, the median of the
+  alternated rounds), else the two records' tokens/s."""
+  if peer is r.get("peer") and "ratio" in r:
+    return r["ratio"]
+  return r["tokens_per_sec"] / peer["tokens_per_sec"]
+
+
 def best_peer(r: dict, speed: list) -> dict | None:
   """The peer its own run measured, else the fastest of the same shape and device."""
   own = r.get("peer")
@@ -58,7 +66,7 @@ def row(r: dict, speed: list) -> str:
               f"{r['tflops_per_device']['palm']:.3g}", _pct(r["mfu"], "palm"),
               _pct(r["mfu"], "causal"), _pct(r.get("mfu_of_matmul_ceiling"), "palm"),
               f"{peer['tokens_per_sec']:,.0f}" if peer else "",
-              f"{r['tokens_per_sec'] / peer['tokens_per_sec']:.2f}x" if peer else ""]
+              f"{ratio(r, peer):.2f}x" if peer else ""]
   cells.append(f"`{r['command']}`")
   return "| " + " | ".join(cells) + " |"
 

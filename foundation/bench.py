@@ -96,7 +96,7 @@ def environment(devices) -> dict:
       "platform": devices[0].platform, "device_kind": devices[0].device_kind,
       "devices": len(devices), "processes": jax.process_count(),
       "jax": jax.__version__, "jaxlib": lib.version_str, "cuda": cuda_versions(),
-      "python": platform.python_version(), "host": platform.node(),
+      "python": platform.python_version(), "host": platform.node(), "cpus": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "env": {k: v for k, v in sorted(os.environ.items())
               if k.startswith(("XLA_CLIENT", "XLA_PYTHON", "JAX_", "NCCL_", "CUDA_DEVICE"))},
@@ -265,10 +265,14 @@ def is_out_of_memory(error: Exception) -> bool:
 
 
 def bench(config, steps: int, warmup: int, measure_ceilings: bool = True,
-          profile_steps: int = 0, memory_limit: int | None = None) -> dict:
+          profile_steps: int = 0, memory_limit: int | None = None, rounds: int = 1,
+          before_round=None) -> dict:
   """Builds, compiles and times the train step; returns the result record (see format_report).
 
   memory_limit: bytes per device to fit in (default: what the device reports, if it does).
+  rounds: time the `steps` this many times (the warm-up only before the first); before_round(i),
+  if given, runs before each (the peer, alternated with us so that a machine's changing load
+  falls on both). The record's step_time pools every round's steps; `rounds` has each round's.
   """
   devices = jax.devices()
   check_devices(config, devices)
@@ -303,14 +307,27 @@ def bench(config, steps: int, warmup: int, measure_ceilings: bool = True,
       return {**result, "fits": False, "error": refusal}
     state = built["built"].init_state()
     batches = device_batches(config, mesh)
-    with step_lib.sharding_context(config, mesh):
-      state, synced, pipelined, losses = time_steps(compiled, state, batches, steps, warmup)
+    synced, pipelined, losses, per_round = [], [], [], []
+    for i in range(rounds):
+      if before_round is not None:
+        before_round(i)
+      load = os.getloadavg()
+      with step_lib.sharding_context(config, mesh):
+        state, round_synced, round_pipelined, round_losses = time_steps(
+            compiled, state, batches, steps, warmup if i == 0 else 0)
+      synced += round_synced
+      pipelined.append(round_pipelined)
+      losses += round_losses
+      per_round.append({"step_median": float(np.median(round_synced)),
+                        "tokens_per_sec": result["tokens_per_step"] / float(np.median(round_synced)),
+                        "loadavg_before": list(load), "loadavg_after": list(os.getloadavg())})
   except jax.errors.JaxRuntimeError as e:
     if not is_out_of_memory(e):
       raise
     return {**result, "fits": False, "error": str(e).strip().splitlines()[0][:500]}
   stats = timing_stats(synced)
-  stats["pipelined_mean"] = pipelined
+  stats["pipelined_mean"] = float(np.mean(pipelined))
+  result["rounds"] = per_round
   if profile_steps:
     def one_step():
       nonlocal state
@@ -346,6 +363,8 @@ BREAKDOWN = (
     ("loss (cross-entropy)", re.compile(r"jvp\(")),
     ("optimizer and update (clip, AdamW)", re.compile(r"")),
 )
+# How many of the costliest HLO ops the breakdown lists by name.
+TOP_OPS = 15
 # Ops whose trace events contain their body's events: counting them would count twice.
 _CONTAINERS = re.compile(r"^(while|call|conditional)(\.\d+)?$")
 
@@ -398,12 +417,17 @@ def profile_breakdown(compiled, step_fn, steps: int, step_time: float) -> dict:
             if not _CONTAINERS.match(str(dict(e.stats).get("hlo_op", "")))]
   if not events:
     return {"error": f"no events of {module} in the trace; planes: {[p.name for p in planes]}"}
-  per_category = {}
+  per_category, per_op = {}, {}
   for e in events:
-    category = categorize(names.get(dict(e.stats).get("hlo_op")))
+    op = str(dict(e.stats).get("hlo_op"))
+    category = categorize(names.get(op))
     per_category[category] = per_category.get(category, 0.0) + e.duration_ns / 1e6 / steps
+    per_op[op] = per_op.get(op, 0.0) + e.duration_ns / 1e6 / steps
   busy = _merged_length((e.start_ns, e.start_ns + e.duration_ns) for e in events) / 1e6 / steps
+  # The costliest single ops, with the model part their metadata names: what to fix first.
+  top = sorted(per_op.items(), key=lambda kv: -kv[1])[:TOP_OPS]
   return {"ms_per_step": dict(sorted(per_category.items(), key=lambda kv: -kv[1])),
+          "top_ops": [{"op": op, "ms": ms, "op_name": names.get(op, "")[-160:]} for op, ms in top],
           "busy_ms": busy, "idle_ms": max(step_time * 1e3 - busy, 0.0), "steps": steps,
           "events": len(events), "source": "device" if on_device else "host threads"}
 
@@ -450,6 +474,29 @@ def run_peer(argv: list[str], steps: int, warmup: int, compile_peer: bool,
     # The command to repeat it, without this run's temporary --json.
     record["command"] = shlex.join(["python", "benchmarks/peer_torch.py", *args])
     return record
+
+
+def add_peer(result: dict, peers: list[dict]) -> None:
+  """Puts the peer's runs into the result: `peer` (its first run, with every round's tokens/s),
+  `ratio` (the median over rounds of our tokens/s over the peer's, each pair timed back to back)
+  and each round's figures beside ours in `rounds`."""
+  peer = result["peer"] = peers[0]
+  if not (result.get("fits") and all("tokens_per_sec" in p for p in peers)):
+    return
+  peer["tokens_per_sec_rounds"] = [p["tokens_per_sec"] for p in peers]
+  if result["ceilings"]:  # the same device's ceiling, measured by this run
+    matmul = result["ceilings"]["matmul"]["tflops"]
+    peer["mfu_of_matmul_ceiling"] = {k: v / matmul for k, v in peer["tflops_per_device"].items()}
+  rounds = result.get("rounds") or []
+  if len(rounds) != len(peers):  # one peer run before JAX started (a GPU), one JAX round
+    result["ratio"] = result["tokens_per_sec"] / peer["tokens_per_sec"]
+    return
+  for ours, theirs in zip(rounds, peers):
+    ours.update(peer_tokens_per_sec=theirs["tokens_per_sec"],
+                peer_step_median=theirs["step_time"]["median"],
+                peer_loadavg_before=theirs["loadavg_before"],
+                ratio=ours["tokens_per_sec"] / theirs["tokens_per_sec"])
+  result["ratio"] = float(np.median([r["ratio"] for r in rounds]))
 
 
 # ------------------------------------------------------------------ the report
@@ -503,13 +550,27 @@ def format_report(r: dict) -> str:
     parts = ", ".join(f"{k} {v:.2f}" for k, v in b["ms_per_step"].items())
     lines.append(f"breakdown (ms per step, {b['source']}, {b['steps']} traced steps): {parts}; "
                  f"idle {b['idle_ms']:.2f} of {s['median'] * 1e3:.2f}")
+    for op in b.get("top_ops", [])[:8]:
+      lines.append(f"  {op['ms']:8.2f} ms  {op['op']}  {op['op_name'][-100:]}")
+  for i, rnd in enumerate(r.get("rounds") or []):
+    if len(r["rounds"]) == 1 and "ratio" not in rnd:
+      break
+    line = f"round {i + 1}: jax {rnd['tokens_per_sec']:,.0f} tokens/s ({rnd['step_median'] * 1e3:.1f} ms)"
+    load_from = rnd["loadavg_before"][0]
+    if "ratio" in rnd:  # the peer ran just before this round
+      line += (f", peer {rnd['peer_tokens_per_sec']:,.0f} tokens/s "
+               f"({rnd['peer_step_median'] * 1e3:.1f} ms), jax / peer {rnd['ratio']:.2f}x")
+      load_from = rnd["peer_loadavg_before"][0]
+    lines.append(f"{line}; load average {load_from:.2f} -> {rnd['loadavg_after'][0]:.2f} "
+                 f"({r.get('cpus', '?')} CPUs)")
   peer = r.get("peer")
   if peer and "tokens_per_sec" in peer:
     lines.append(f"peer: {peer['framework']} {peer['torch']} ({peer['model_class']}, "
                  f"{peer['precision']}, compile {peer['compiled']}): {peer['tokens_per_sec']:,.0f} "
                  f"tokens/s, step {peer['step_time']['median'] * 1e3:.2f} ms, MFU "
                  f"{_pct(peer['mfu'] and peer['mfu']['palm'])}; jax / peer = "
-                 f"{r['ratio']:.2f}x")
+                 f"{r['ratio']:.2f}x" + (f" (median of {len(r['rounds'])} alternating rounds)"
+                                         if len(r.get("rounds") or []) > 1 else ""))
   elif peer:
     why = peer.get("skipped") or peer.get("failed") or f"does not fit: {peer.get('error')}"
     lines.append(f"peer: not run: {why}" + (f"\n{peer['stderr']}" if peer.get("stderr") else ""))
@@ -535,6 +596,10 @@ def define_flags():
                      "device reports), e.g. 80 to ask about an H100 on a larger GPU.")
   flags.DEFINE_bool("gpu_env", True, "On a GPU, apply launch/gpu_env.sh (XLA flags) first.")
   flags.DEFINE_bool("peer", False, "Also run benchmarks/peer_torch.py (PyTorch, same shape).")
+  flags.DEFINE_integer("rounds", 1, "Time the steps this many times; with --peer on a CPU the peer "
+                       "runs before each, alternating, and the ratio is the median of the rounds' "
+                       "(robust to a shared machine's changing load). On a GPU only 1: JAX holds "
+                       "the memory the peer would need.")
   flags.DEFINE_bool("peer_compile", True, "torch.compile the peer (slow to start on a CPU).")
   flags.DEFINE_enum("peer_precision", "same", ["same", "bf16"],
                     "same: the config's compute/param dtypes (autocast); bf16: bf16 params too.")
@@ -547,28 +612,36 @@ def main(argv):
   args = flags.FLAGS
   if args.config is None:
     raise app.UsageError("--config is required, e.g. --config configs/lm.py:size=test")
-  if args.steps < 1 or args.warmup < 0:
-    raise app.UsageError(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+  if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+    raise app.UsageError(f"--steps={args.steps} and --rounds={args.rounds} must be >= 1 and "
+                         f"--warmup={args.warmup} >= 0")
+  on_gpu = cuda_plugin_installed()
+  if args.peer and on_gpu and args.rounds > 1:
+    raise app.UsageError(f"--rounds={args.rounds} with --peer alternates the peer with JAX, which "
+                         f"on a GPU holds the memory the peer needs: use --rounds=1 there")
   logging.set_verbosity(logging.ERROR)
-  gpu_env = apply_gpu_env() if args.gpu_env and cuda_plugin_installed() else {}
+  gpu_env = apply_gpu_env() if args.gpu_env and on_gpu else {}
+  peers = []
+
+  def one_peer(_round=0):
+    load = os.getloadavg()
+    peers.append(run_peer(sys.argv[1:], args.steps, args.warmup, args.peer_compile,
+                          args.peer_precision))
+    peers[-1].update(loadavg_before=list(load), loadavg_after=list(os.getloadavg()))
+
   try:
     config_lib.check_values(args.config)
-    peer = (run_peer(sys.argv[1:], args.steps, args.warmup, args.peer_compile,
-                     args.peer_precision) if args.peer else None)
+    if args.peer and on_gpu:
+      one_peer()  # before JAX starts on the GPU: JAX takes most of the device memory
     result = bench(args.config, args.steps, args.warmup, args.ceilings, args.profile,
-                   int(args.memory_limit_gib * GiB) or None)
+                   int(args.memory_limit_gib * GiB) or None, rounds=args.rounds,
+                   before_round=one_peer if args.peer and not on_gpu else None)
   except config_lib.ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
   result["command"] = "python -m foundation.bench " + shlex.join(sys.argv[1:])
   result["gpu_env"] = gpu_env
-  if peer is not None:
-    result["peer"] = peer
-    if "tokens_per_sec" in peer and result.get("fits"):
-      result["ratio"] = result["tokens_per_sec"] / peer["tokens_per_sec"]
-      if result["ceilings"]:  # the same device's ceiling, measured by this run
-        matmul = result["ceilings"]["matmul"]["tflops"]
-        peer["mfu_of_matmul_ceiling"] = {k: v / matmul
-                                         for k, v in peer["tflops_per_device"].items()}
+  if peers:
+    add_peer(result, peers)
   if jax.process_index() == 0:
     print(format_report(result), flush=True)
     if args.json:

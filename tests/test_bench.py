@@ -39,19 +39,22 @@ def test_bench_command_records_speed_device_and_command(tmp_path):
   peer = bench.torch_importable()
   command = [sys.executable, "-m", "foundation.bench", "--config", "configs/lm.py:size=test",
              "--steps", "3", "--warmup", "1", "--profile", "1", "--json", str(out),
-             "--peer", "--nopeer_compile"]  # without torch the record says why the peer was skipped
+             "--peer", "--nopeer_compile", "--rounds", "2"]
+  # without torch the record says why the peer was skipped
   # One CPU device (not the tests' eight): the sharded step is the trainer's, tested there.
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "XLA_FLAGS": ""})
   assert result.returncode == 0, result.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["command"] == ("python -m foundation.bench --config configs/lm.py:size=test --steps 3 "
-                          f"--warmup 1 --profile 1 --json {out} --peer --nopeer_compile")
+                          f"--warmup 1 --profile 1 --json {out} --peer --nopeer_compile "
+                          f"--rounds 2")
   assert r["command"] in result.stdout and "tokens/s" in result.stdout
   assert r["platform"] == "cpu" and r["devices"] == 1 and r["jax"] and r["xla_flags"] == ""
   assert r["fits"] is True and r["loss"]["finite"]
   s = r["step_time"]
-  assert s["n"] == 3 and 0 < s["p10"] <= s["median"] <= s["p90"] and s["pipelined_mean"] > 0
+  assert s["n"] == 6 and 0 < s["p10"] <= s["median"] <= s["p90"] and s["pipelined_mean"] > 0
+  assert len(r["rounds"]) == 2 and all(len(x["loadavg_after"]) == 3 for x in r["rounds"])
   config = lm.get_config("size=test")
   tokens = config.batch_size * config.seq_len
   mcfg = transformer.ModelConfig.from_config(config.model)
@@ -65,9 +68,13 @@ def test_bench_command_records_speed_device_and_command(tmp_path):
   breakdown = r["breakdown"]["ms_per_step"]  # the traced step's time by part of the model
   assert breakdown["MLP"] > 0 and breakdown["attention projections"] > 0
   assert breakdown["optimizer and update (clip, AdamW)"] > 0
-  if peer:  # same shape, so the same number of parameters; the ratio is JAX's over the peer's
+  assert breakdown and r["breakdown"]["top_ops"][0]["ms"] > 0
+  if peer:  # same shape, so the same number of parameters; the ratio is JAX's over the peer's,
+    # alternated with it: the median over rounds of the ratio of runs timed back to back
     assert r["peer"]["framework"] == "torch" and r["peer"]["params"] == r["params"]
-    assert r["ratio"] == pytest.approx(r["tokens_per_sec"] / r["peer"]["tokens_per_sec"])
+    ratios = [x["tokens_per_sec"] / x["peer_tokens_per_sec"] for x in r["rounds"]]
+    assert r["ratio"] == pytest.approx(np.median(ratios))
+    assert len(r["peer"]["tokens_per_sec_rounds"]) == 2 and "round 2: jax" in result.stdout
   else:
     assert "torch" in r["peer"]["skipped"]
   table = subprocess.run([sys.executable, "benchmarks/render_results.py", str(out)], cwd=ROOT,
