@@ -201,17 +201,14 @@ def own_task(config) -> str:
   return {"lm": "perplexity", "sft": "sft", "classify": "classify"}.get(task, task)
 
 
-class OwnSplit:
-  """Any task on its own input's eval split with the trainer's eval step and sums: the figures of
-  the trainer's eval/* (an image classifier: loss and top-1 accuracy)."""
+class EvalSplit:
+  """A task on eval batches with the trainer's eval step and sums: the figures of the trainer's
+  eval/* (the task's `eval_metrics`), and how many tokens or examples they cover."""
 
-  def __init__(self, config, runtime: "Runtime"):
-    from foundation import registry  # pylint: disable=g-import-not-at-top
+  def __init__(self, name: str, config, runtime: "Runtime", batches, count_name: str):
     from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
-    self.name, self.runtime = config.task, runtime
+    self.name, self.runtime, self.batches, self.count_name = name, runtime, batches, count_name
     self.task = step_lib.make_task(config)
-    make_input = registry.get("input", self.task.input, field=f"task {config.task!r}'s input")
-    _, self.batches = make_input(config, jax.process_index(), jax.process_count(), True)
     self.sharding = step_lib.batch_shardings(config, runtime.mesh, self.task)
     self.step = jax.jit(step_lib.make_eval_step(runtime.model, config, self.task))
 
@@ -220,36 +217,37 @@ class OwnSplit:
       sums = eval_sums(self.step, params, self.batches, self.sharding)
     for key, value in self.task.eval_metrics(sums).items():
       yield f"{self.name}/{key}", value
-    yield f"{self.name}/examples", sums.get("count", 0.0)
+    yield f"{self.name}/{self.count_name}", sums.get("count", 0.0)
 
 
-class HeldOut:
-  """Token loss and perplexity over eval batches, with the trainer's eval step and sums.
+class OwnSplit(EvalSplit):
+  """Any task on its own input's eval split (an image classifier: loss and top-1 accuracy)."""
+
+  def __init__(self, config, runtime: "Runtime"):
+    from foundation import registry  # pylint: disable=g-import-not-at-top
+    from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
+    make_input = registry.get("input", step_lib.make_task(config).input,
+                              field=f"task {config.task!r}'s input")
+    _, batches = make_input(config, jax.process_index(), jax.process_count(), True)
+    super().__init__(config.task, config, runtime, batches, "examples")
+
+
+class HeldOut(EvalSplit):
+  """Token loss and perplexity over eval batches.
 
   `perplexity`: the data pipeline's eval batches (config.data, config.eval); `sft`: an SFT run's
   eval split (foundation/data/sft.py), loss over the answer tokens only.
   """
 
-  def __init__(self, name: str, config, runtime: Runtime):
+  def __init__(self, name: str, config, runtime: "Runtime"):
     from foundation import data  # pylint: disable=g-import-not-at-top
-    from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
     index, count = jax.process_index(), jax.process_count()
     if name == "sft":
       from foundation.data import sft  # pylint: disable=g-import-not-at-top
-      self.batches = sft.make_sft_eval_batches(config, index, count)
+      batches = sft.make_sft_eval_batches(config, index, count)
     else:
-      self.batches = data.make_eval_batches(config, index, count)
-    self.name, self.runtime = name, runtime
-    self.task = step_lib.make_task(config)
-    self.sharding = step_lib.batch_shardings(config, runtime.mesh, self.task)
-    self.step = jax.jit(step_lib.make_eval_step(runtime.model, config, self.task))
-
-  def run(self, params) -> Iterator[tuple[str, float]]:
-    with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
-      sums = eval_sums(self.step, params, self.batches, self.sharding)
-    for key, value in self.task.eval_metrics(sums).items():
-      yield f"{self.name}/{key}", value
-    yield f"{self.name}/tokens", sums.get("count", 0.0)
+      batches = data.make_eval_batches(config, index, count)
+    super().__init__(name, config, runtime, batches, "tokens")
 
 
 class Perplexity(HeldOut):
