@@ -90,7 +90,9 @@ def test_a_failed_save_stops_at_once_in_one_line_and_keeps_the_last_good_checkpo
   full disk gets ENOSPC. The limit lets the small synchronous part (the input position) through,
   so it is the async array write that fails."""
   every = 10
-  overrides = {"steps": 40, "checkpoint.every": every, "data.shuffle_buffer": 16}
+  # A wider MLP keeps the array file well above the input position's (about 320 KB here).
+  overrides = {"steps": 40, "checkpoint.every": every, "data.shuffle_buffer": 16,
+               "model.mlp_dim": 1024}
   process = start(tmp_path, **overrides)
   first = tmp_path / "checkpoints" / str(every)
   deadline = time.time() + 240
