@@ -32,7 +32,6 @@ class Task:
   """The base every task extends; the methods that raise must be given."""
   input = ""             # the registry 'input' that makes its batches
   unit = "examples"      # what throughput counts besides examples ('tokens', 'patches')
-  eval_keys = ("loss",)  # the eval metrics' names, in order
   generates = False      # whether the trained model can continue a prompt (the end-of-run sample)
 
   def __init__(self, config):
@@ -107,3 +106,22 @@ class Task:
       out[k] = (rng.standard_normal(shape).astype(f.dtype) if np.dtype(f.dtype).kind == "f"
                 else np.full(shape, f.fill, f.dtype))
     return out
+
+
+class PerRow:
+  """What the classification tasks share (a label per row; rows with label_mask 0 are padding):
+  the count of real rows, and eval loss and accuracy from 'loss_sum' and 'correct' sums."""
+
+  def count(self, batch: dict):
+    return jnp.maximum(batch["label_mask"].sum().astype(jnp.float32), 1.0)
+
+  def count_unclamped(self, batch: dict):
+    return (batch["label_mask"] > 0).sum().astype(jnp.float32)
+
+  def eval_sums(self, model, params, batch) -> dict:
+    return {**self.loss_sums(model, params, batch), "count": self.count_unclamped(batch)}
+
+  def eval_metrics(self, sums: dict) -> dict:
+    count = max(sums.get("count", 0.0), 1.0)
+    return {"loss": sums.get("loss_sum", 0.0) / count,
+            "accuracy": sums.get("correct", 0.0) / count}

@@ -16,11 +16,10 @@ ROWS = ("batch",)
 
 
 @registry.register("task", "image_classify")
-class ClassifyImage(base.Task):
+class ClassifyImage(base.PerRow, base.Task):
   """Cross-entropy over model.num_classes per image with label_mask 1; eval: loss and top-1."""
   input = "images"
   unit = "patches"
-  eval_keys = ("loss", "accuracy")
 
   def _vit(self):
     from foundation.models import vit  # pylint: disable=g-import-not-at-top
@@ -55,20 +54,6 @@ class ClassifyImage(base.Task):
     # where, not multiply: a padding row's logits must not leak a NaN into the sums
     return {"loss_sum": jnp.where(mask, ce, 0.0).sum(),
             "correct": jnp.where(mask, hit, 0.0).sum()}
-
-  def count(self, batch: dict):
-    return jnp.maximum(batch["label_mask"].sum().astype(jnp.float32), 1.0)
-
-  def count_unclamped(self, batch: dict):
-    return (batch["label_mask"] > 0).sum().astype(jnp.float32)
-
-  def eval_sums(self, model, params, batch) -> dict:
-    return {**self.loss_sums(model, params, batch), "count": self.count_unclamped(batch)}
-
-  def eval_metrics(self, sums: dict) -> dict:
-    count = max(sums.get("count", 0.0), 1.0)
-    return {"loss": sums.get("loss_sum", 0.0) / count,
-            "accuracy": sums.get("correct", 0.0) / count}
 
   def flops_per_example(self, model) -> float:
     d = self.config.data

@@ -106,7 +106,6 @@ class NextToken(_TokenTask):
   """Next-token prediction over packed documents: cross-entropy (plus optim.z_loss x log(Z)^2)
   per target token with loss_mask 1."""
   input = "text"
-  eval_keys = ("loss", "perplexity")
   generates = True
 
   def check(self, config) -> None:
@@ -160,12 +159,10 @@ class SupervisedFineTuning(NextToken):
 
 
 @registry.register("task", "classify")
-class ClassifySequence(_TokenTask):
+class ClassifySequence(base.PerRow, _TokenTask):
   """One class per sequence from the hidden state of its last token (model.num_classes > 0):
   cross-entropy and accuracy per row with label_mask 1."""
   input = "classify"
-  unit = "tokens"
-  eval_keys = ("loss", "accuracy")
 
   def check(self, config) -> None:
     super().check(config)
@@ -194,20 +191,6 @@ class ClassifySequence(_TokenTask):
     from foundation import finetune  # pylint: disable=g-import-not-at-top
     sums = finetune.classify_loss_sums(model, params, batch, deterministic=not rngs, rngs=rngs)
     return {"loss_sum": sums["ce_sum"], "correct": sums["correct"]}
-
-  def count(self, batch: dict):
-    return jnp.maximum(batch["label_mask"].sum().astype(jnp.float32), 1.0)
-
-  def count_unclamped(self, batch: dict):
-    return (batch["label_mask"] > 0).sum().astype(jnp.float32)
-
-  def eval_sums(self, model, params, batch) -> dict:
-    sums = self.loss_sums(model, params, batch)
-    return {**sums, "count": self.count_unclamped(batch)}
-
-  def eval_metrics(self, sums: dict) -> dict:
-    count = max(sums.get("count", 0.0), 1.0)
-    return {"loss": sums.get("loss_sum", 0.0) / count, "accuracy": sums.get("correct", 0.0) / count}
 
 
 # ---------------------------------------------------------------- their inputs
