@@ -141,6 +141,16 @@ def test_lora_and_a_linear_probe_on_the_vit(fields, trains):
       k for k in changed if re.search(trains, k)}, changed
 
 
+def test_mixup_trains_on_soft_labels():
+  """data.mixup: the batch gains soft_label (sharded with the batch) and the loss is the
+  cross-entropy against it: the step runs, the loss is finite and not the unmixed one."""
+  config = make_config()
+  with config.unlocked():
+    config.data.mixup = 0.4
+  loss, _, _ = one_step(config, jax.devices()[:1])
+  assert np.isfinite(loss) and abs(loss - reference()[0]) > 1e-4
+
+
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("override, message", [
