@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+STARTED = time.time()  # the process's start, before the heavy imports: goodput counts from here
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported by the input
 
 import jax
@@ -33,6 +34,7 @@ from foundation import metrics as metrics_lib
 from foundation import preemption as preemption_lib
 from foundation import registry
 from foundation import step as step_lib
+from foundation import watch as watch_lib
 from foundation import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
@@ -120,8 +122,9 @@ def check_guard(step: int, metrics: dict, config, manager, say) -> None:
                      f"the data near this step, then start again")
 
 
-def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the run in `workdir`; returns the last train and eval metrics."""
+def train(config, workdir: str, started: float | None = None) -> dict:
+  """Runs (or resumes) the run in `workdir`; returns the last train and eval metrics and the
+  goodput record. `started`: the time.time() that goodput counts from (default: now)."""
   # ------------------------------------------------------------------ Devices and checks
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
@@ -138,6 +141,8 @@ def train(config, workdir: str) -> dict:
   reporter.print(f"foundation: {config.get('size', '?')} {config.model.get('family', 'decoder')} "
                  f"model, task {config.get('task', 'lm')}, {jax.device_count()} "
                  f"{jax.devices()[0].platform} devices, workdir {workdir}")
+  # Goodput's clock, the step time split, memory, the profiler window (config.profile), W&B.
+  watch = watch_lib.Watch(config, workdir, reporter, started)
 
   # ------------------------------------------------------------------ Mesh, model, task, optimizer
   built = build_lib.build(config)
@@ -204,15 +209,20 @@ def train(config, workdir: str) -> dict:
   guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row", "nonfinite_update")
   with built.context(), preemption_lib.Preemption() as preemption:
     if eval_batches and first_step == 0:
-      eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
+      with watch.timing("evaluation"):
+        eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
       reporter.write(0, eval_metrics, prefix="eval")
     if evaluators and first_step == 0:  # the tasks before any training: the baseline
-      reporter.write(0, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
+      with watch.timing("evaluation"):
+        reporter.write(0, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
     previous = None  # (step, metrics) of the step before, read once the next one is queued
     try:
       for step in range(first_step + 1, config.steps + 1):
-        batch = built.global_batch(next(train_iter))
+        watch.begin_step(step)  # compile, useful or redone; the profiler window opens
+        with watch.timing("data_wait"):
+          batch = built.global_batch(next(train_iter))
         state, device_metrics = train_step(state, batch)
+        watch.end_step(step, state)  # the profiler window closes after its last step
         if step == first_step + 1:
           jax.block_until_ready(state)  # the first step compiles: time the rest only
           throughput.start(step)
@@ -227,23 +237,30 @@ def train(config, workdir: str) -> dict:
           train_metrics = {**jax.device_get(device_metrics), **throughput.report(step),
                            **(shares if len(shares) > 1 else {})}
           reporter.write(step, train_metrics)
+          watch.log(step)  # time/* (the step time split) and memory/*
         if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
-          eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
+          with watch.timing("evaluation"):
+            eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
           reporter.write(step, eval_metrics, prefix="eval")
         if evaluators and (step % config.evaluate.every == 0 or is_last):
-          reporter.write(step, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
+          with watch.timing("evaluation"):
+            reporter.write(step, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
         saved = step % config.checkpoint.every == 0 or is_last
         if saved:
-          checkpoint.save(manager, step, state, train_iter)
+          with watch.timing("checkpoint"):
+            checkpoint.save(manager, step, state, train_iter)
         if preemption.should_stop(step):  # every process stops at the same step
           if not saved:
-            checkpoint.save(manager, step, state, train_iter)
+            with watch.timing("checkpoint"):
+              checkpoint.save(manager, step, state, train_iter)
           preempted_at = step
           break
       if previous:
         check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
     finally:
+      watch.switch("checkpoint")
       checkpoint.wait_for_saves(manager)  # a started save completes, whatever stops the loop
+      watch.switch("other")  # the sample, the last lines
     if preempted_at is not None:
       reporter.print(f"{preemption.signal_name}: saved the checkpoint at step {preempted_at} and "
                      f"stopped (exit code {preemption_lib.EXIT_PREEMPTED}); run the same command "
@@ -257,9 +274,11 @@ def train(config, workdir: str) -> dict:
       reporter.print(f"--- greedy continuation of {config.log.prompt!r}:\n"
                      f"{config.log.prompt}{text}\n---")
       reporter.write_text(config.steps, "sample", config.log.prompt + text)
+  goodput = watch.finish(int(jax.device_get(state["step"])))  # the goodput line
   reporter.close()
   manager.close()
-  return {"train": train_metrics, "eval": eval_metrics, "preempted_at": preempted_at}
+  return {"train": train_metrics, "eval": eval_metrics, "preempted_at": preempted_at,
+          "goodput": goodput}
 
 
 def main(argv):
@@ -270,7 +289,7 @@ def main(argv):
                          "--config configs/lm.py:size=tiny --workdir runs/tiny")
   logging.set_verbosity(logging.WARNING)
   try:
-    result = train(_CONFIG.value, _WORKDIR.value)
+    result = train(_CONFIG.value, _WORKDIR.value, started=STARTED)
   except config_lib.ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
   except RunStopped as e:
