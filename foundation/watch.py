@@ -22,6 +22,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 
 import jax
 
@@ -194,8 +195,7 @@ class WandB:
 
   def start(self):
     id_path = os.path.join(self.workdir, "wandb_id")  # a resumed run goes on in the same W&B run
-    run_id = (open(id_path).read().strip() if os.path.exists(id_path)
-              else self.wandb.util.generate_id())
+    run_id = open(id_path).read().strip() if os.path.exists(id_path) else uuid.uuid4().hex[:12]
     with open(id_path, "w") as f:
       f.write(run_id)
     self.run = self.wandb.init(project=self.config.log.wandb_project, id=run_id, resume="allow",
