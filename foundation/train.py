@@ -258,7 +258,7 @@ def train(config, workdir: str, started: float | None = None) -> dict:
       if previous:
         check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
     finally:
-      watch.switch("checkpoint")
+      watch.loop_ended()  # the profiler stops; waiting for the last save is checkpointing
       checkpoint.wait_for_saves(manager)  # a started save completes, whatever stops the loop
       watch.switch("other")  # the sample, the last lines
     if preempted_at is not None:

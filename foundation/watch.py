@@ -135,12 +135,12 @@ class Profiler:
   """A JAX profiler trace of steps start_step .. start_step + steps - 1 (config.profile), written
   under `dir` (default: the workdir) as plugins/profile/<time>/, TensorBoard's profile tab."""
 
-  def __init__(self, config, workdir: str, first_steps_note=print):
+  def __init__(self, config, workdir: str, say=print):
     profile = config.get("profile") or {}
     self.start_step = int(profile.get("start_step", 0))
     self.steps = int(profile.get("steps", 1))
     self.dir = profile.get("dir", "") or workdir
-    self.active, self.annotation, self.traced = False, None, None
+    self.active, self.annotation = False, None
     if self.start_step < 0 or self.steps < 1:
       raise config_lib.ConfigError(
           f"profile.start_step={self.start_step}, profile.steps={self.steps}: the window needs "
@@ -150,7 +150,7 @@ class Profiler:
           f"profile window steps {self.start_step}..{self.last_step} ends after the run's last "
           f"step {config.steps}: lower profile.start_step or profile.steps")
     if self.start_step:
-      first_steps_note(f"profile: steps {self.start_step}..{self.last_step} are traced to "
+      say(f"profile: steps {self.start_step}..{self.last_step} are traced to "
                        f"{os.path.join(self.dir, 'plugins', 'profile')}")
 
   @property
@@ -160,7 +160,7 @@ class Profiler:
   def begin_step(self, step: int) -> None:
     if self.start_step and step == self.start_step:
       jax.profiler.start_trace(self.dir)
-      self.active, self.traced = True, (step, self.last_step)
+      self.active = True
     if self.active:  # the profile's step view finds steps by this annotation
       self.annotation = jax.profiler.StepTraceAnnotation("train", step_num=step)
       self.annotation.__enter__()
@@ -169,11 +169,16 @@ class Profiler:
     if not self.active:
       return
     self.annotation.__exit__(None, None, None)
+    self.annotation = None
     if step == self.last_step:
       jax.block_until_ready(state)  # the window's device work belongs in the trace
       self.stop()
 
   def stop(self) -> None:
+    """Closes the trace (at the window's end, or when the loop ends inside it)."""
+    if self.annotation is not None:
+      self.annotation.__exit__(None, None, None)
+      self.annotation = None
     if self.active:
       self.active = False
       jax.profiler.stop_trace()
@@ -256,6 +261,12 @@ class Watch:
     """After the step is dispatched: closes the profiler window after its last step."""
     self.profiler.end_step(step, state)
 
+  def loop_ended(self) -> None:
+    """However the loop ended (an error too): the trace is closed, the last save's wait is
+    checkpointing."""
+    self.profiler.stop()
+    self.clock.switch("checkpoint")
+
   def step_split(self, step: int) -> dict:
     """The step time split, seconds per step since the last call (none before a timed step)."""
     if self.interval is None or step <= self.interval[1]:
@@ -287,7 +298,6 @@ class Watch:
 
   def finish(self, last_step: int) -> dict:
     """The goodput line on the console, and its record in metrics.jsonl and TensorBoard."""
-    self.profiler.stop()  # a run stopped inside the window still leaves its trace
     record = self.goodput(last_step)
     self.reporter.print(format_goodput(record))
     self.reporter.write(last_step, record, prefix="goodput", echo=False)

@@ -183,3 +183,20 @@ def test_wandb_without_the_package_is_a_config_error(tmp_path):
     config.log.wandb_project = "foundation"
   with pytest.raises(config_lib.ConfigError, match="needs wandb: pip install wandb"):
     watch.WandB(config, str(tmp_path))
+
+
+def test_a_run_stopped_inside_the_window_still_closes_its_trace(tmp_path):
+  import jax
+  from foundation import train
+  config = lm.get_config("size=test")
+  with config.unlocked():
+    config.steps = 6
+    config.eval.every = 0
+    config.log.generate_tokens = 0
+    config.guard.nonfinite, config.guard.inject_nan_at = "stop", "2"  # stops in step 3
+    config.profile.start_step, config.profile.steps = 1, 4
+  with pytest.raises(train.RunStopped, match="stopped at step 2"):
+    train.train(config, str(tmp_path / "run"))
+  assert glob.glob(str(tmp_path / "run" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+  jax.profiler.start_trace(str(tmp_path / "again"))  # refused if the run's trace were still open
+  jax.profiler.stop_trace()
