@@ -30,6 +30,7 @@ setup(
         "sacrebleu>=2.3",     # BLEU for generation tasks
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # tensorboard: tests read the event files back with TensorBoard's own reader.
+        "test": ["pytest", "pytest-xdist", "tensorboard"],
     },
 )

@@ -14,7 +14,7 @@ import ml_collections
 # the config files.
 from foundation.defaults import (checkpoint_config, data_config, eval_config,  # noqa: F401
                                  evaluate_config, guard_config, log_config, lora_config, mesh_config,
-                                 optim_config, run_config)
+                                 optim_config, profile_config, run_config)
 
 
 def parse_arg(arg: str | None, **defaults) -> dict:

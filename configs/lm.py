@@ -150,6 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval = common.eval_config()
   config.evaluate = common.evaluate_config()  # task evaluators (off unless evaluate.every > 0)
   config.log = common.log_config()
+  config.profile = common.profile_config()  # a profiler trace of chosen steps (off by default)
 
   if size in FIT_DEFAULTS:  # settings that fit the size's smallest slice (see FIT_DEFAULTS)
     _, remat, accum, chunk, fsdp, tensor = FIT_DEFAULTS[size]

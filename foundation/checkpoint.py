@@ -425,8 +425,8 @@ def _fill(target: dict, loaded: dict) -> dict:
 # watched. Anything else (model, data, optimizer, batch, seed) would make the resumed run another
 # run; docs/reliability.md lists these.
 RESUMABLE_FIELDS = ("steps", "mesh.", "grad_accum", "model.remat_policy", "model.logits_chunk",
-                    "model.attention", "checkpoint.", "eval.", "evaluate.", "log.", "guard.",
-                    "resume", "init_from", "data.prefetch", "data.tfds_data_dir")
+                    "model.attention", "checkpoint.", "eval.", "evaluate.", "log.", "profile.",
+                    "guard.", "resume", "init_from", "data.prefetch", "data.tfds_data_dir")
 
 
 def _flat_config(d: dict, prefix: str = "") -> dict[str, Any]:

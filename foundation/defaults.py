@@ -148,6 +148,19 @@ def log_config() -> ml_collections.ConfigDict:
       prompt="def fibonacci(n):\n",
       generate_tokens=120,    # greedy continuation printed at the end; 0 disables it
       peak_tflops=0.0,        # per-device peak for MFU; 0 means look it up from the device kind
+      # A Weights & Biases project: every record also goes there (needs `pip install wandb` and
+      # `wandb login`); '' disables it.
+      wandb_project="",
+  ))
+
+
+def profile_config() -> ml_collections.ConfigDict:
+  """A JAX profiler trace of chosen steps, viewable in TensorBoard's profile tab
+  (foundation/watch.py; docs/using.md#watching-a-run)."""
+  return ml_collections.ConfigDict(dict(
+      start_step=0,   # the first traced step; 0 disables tracing
+      steps=2,        # how many steps are traced
+      dir="",         # where plugins/profile/<time>/ is written; '' means the workdir
   ))
 
 
@@ -174,6 +187,7 @@ def run_config(steps: int, batch_size: int, lr: float) -> ml_collections.ConfigD
   config.eval = eval_config()
   config.log = log_config()
   config.log.generate_tokens = 0   # only text tasks sample at the end
+  config.profile = profile_config()
   return config
 
 
@@ -187,7 +201,8 @@ def completion() -> dict:
           "mesh": mesh_config().to_dict(), "optim": optim_config().to_dict(),
           "data": data_config().to_dict(), "checkpoint": checkpoint_config().to_dict(),
           "eval": eval_config().to_dict(), "evaluate": evaluate_config().to_dict(),
-          "guard": guard_config().to_dict(), "log": log_config().to_dict()}
+          "guard": guard_config().to_dict(), "log": log_config().to_dict(),
+          "profile": profile_config().to_dict()}
 
 
 def migrate(saved: dict) -> dict:

@@ -102,6 +102,7 @@ class Reporter:
     self.progress = None
     self.tb = None
     self.jsonl = None
+    self.sinks = []  # more places every record goes (Weights & Biases: foundation/watch.py)
     if not self.enabled:
       return
     if self.console.is_terminal:
@@ -141,8 +142,13 @@ class Reporter:
       self._append({"step": step, "split": "start", "resumed_from": step if resumed else None,
                     "time": time.time()})
 
-  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
-    """Records scalars at `step` under prefix/ in TensorBoard and metrics.jsonl, and prints them."""
+  def add_sink(self, sink) -> None:
+    """sink(step, prefix, metrics) is called with every record written from now on."""
+    self.sinks.append(sink)
+
+  def write(self, step: int, metrics: dict, prefix: str = "train", echo: bool = True) -> None:
+    """Records scalars at `step` under prefix/ in TensorBoard and metrics.jsonl, and prints them
+    (unless `echo` is False)."""
     if not self.enabled:
       return
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -153,6 +159,10 @@ class Reporter:
     record = {"step": step, "split": prefix,
               **{k: (None if k in nonfinite else v) for k, v in metrics.items()}}
     self._append({**record, "nonfinite": nonfinite} if nonfinite else record)
+    for sink in self.sinks:
+      sink(step, prefix, metrics)
+    if not echo:
+      return
     line = f"{prefix} step {step:>6}  {format_metrics(metrics)}"
     self.print(line)
     if prefix == "train":

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+STARTED = time.time()  # the process's start, before the heavy imports: goodput counts from here
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported by the input
 
 import jax
@@ -34,6 +35,7 @@ from foundation import metrics as metrics_lib
 from foundation import preemption as preemption_lib
 from foundation import registry
 from foundation import step as step_lib
+from foundation import watch as watch_lib
 from foundation import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:args].",
@@ -129,8 +131,9 @@ def check_guard(step: int, metrics: dict, config, manager, say) -> None:
                      f"the data near this step, then start again")
 
 
-def train(config, workdir: str) -> dict:
-  """Runs (or resumes) the run in `workdir`; returns the last train and eval metrics."""
+def train(config, workdir: str, started: float | None = None) -> dict:
+  """Runs (or resumes) the run in `workdir`; returns the last train and eval metrics and the
+  goodput record. `started`: the time.time() that goodput counts from (default: now)."""
   # ------------------------------------------------------------------ Devices and checks
   mesh_lib.initialize_distributed()
   config_lib.validate(config, jax.devices(), jax.process_count())
@@ -147,6 +150,8 @@ def train(config, workdir: str) -> dict:
   reporter.print(f"foundation: {config.get('size', '?')} {config.model.get('family', 'decoder')} "
                  f"model, task {config.get('task', 'lm')}, {jax.device_count()} "
                  f"{jax.devices()[0].platform} devices, workdir {workdir}")
+  # Goodput's clock, the step time split, memory, the profiler window (config.profile), W&B.
+  watch = watch_lib.Watch(config, workdir, reporter, started)
 
   # ------------------------------------------------------------------ Mesh, model, task, optimizer
   built = build_lib.build(config)
@@ -214,12 +219,16 @@ def train(config, workdir: str) -> dict:
 
   with built.context(), preemption_lib.Preemption() as preemption:
     if first_step == 0:
-      eval_metrics = run_evaluations(evaluations, 0, False, state["params"], config, reporter)
+      with watch.timing("evaluation"):
+        eval_metrics = run_evaluations(evaluations, 0, False, state["params"], config, reporter)
     previous = None  # (step, metrics) of the step before, read once the next one is queued
     try:
       for step in range(first_step + 1, config.steps + 1):
-        batch = built.global_batch(next(train_iter))
+        watch.begin_step(step)  # compile, useful or redone; the profiler window opens
+        with watch.timing("data_wait"):
+          batch = built.global_batch(next(train_iter))
         state, device_metrics = train_step(state, batch)
+        watch.end_step(step, state)  # the profiler window closes after its last step
         if step == first_step + 1:
           jax.block_until_ready(state)  # the first step compiles: time the rest only
           throughput.start(step)
@@ -234,20 +243,26 @@ def train(config, workdir: str) -> dict:
           train_metrics = {**jax.device_get(device_metrics), **throughput.report(step),
                            **(shares if len(shares) > 1 else {})}
           reporter.write(step, train_metrics)
-        eval_metrics = (run_evaluations(evaluations, step, is_last, state["params"], config,
-                                        reporter) or eval_metrics)
+          watch.log(step)  # time/* (the step time split) and memory/*
+        with watch.timing("evaluation"):
+          eval_metrics = (run_evaluations(evaluations, step, is_last, state["params"], config,
+                                          reporter) or eval_metrics)
         saved = step % config.checkpoint.every == 0 or is_last
         if saved:
-          checkpoint.save(manager, step, state, train_iter)
+          with watch.timing("checkpoint"):
+            checkpoint.save(manager, step, state, train_iter)
         if preemption.should_stop(step):  # every process stops at the same step
           if not saved:
-            checkpoint.save(manager, step, state, train_iter)
+            with watch.timing("checkpoint"):
+              checkpoint.save(manager, step, state, train_iter)
           preempted_at = step
           break
       if previous:
         check_guard(previous[0], jax.device_get(previous[1]), config, manager, reporter.print)
     finally:
+      watch.loop_ended()  # the profiler stops; waiting for the last save is checkpointing
       checkpoint.wait_for_saves(manager)  # a started save completes, whatever stops the loop
+      watch.switch("other")  # the sample, the last lines
     if preempted_at is not None:
       reporter.print(f"{preemption.signal_name}: saved the checkpoint at step {preempted_at} and "
                      f"stopped (exit code {preemption_lib.EXIT_PREEMPTED}); run the same command "
@@ -262,9 +277,11 @@ def train(config, workdir: str) -> dict:
       reporter.print(f"--- greedy continuation of {config.log.prompt!r}:\n"
                      f"{config.log.prompt}{text}\n---")
       reporter.write_text(config.steps, "sample", config.log.prompt + text)
+  goodput = watch.finish(int(jax.device_get(state["step"])))  # the goodput line
   reporter.close()
   manager.close()
-  return {"train": train_metrics, "eval": eval_metrics, "preempted_at": preempted_at}
+  return {"train": train_metrics, "eval": eval_metrics, "preempted_at": preempted_at,
+          "goodput": goodput}
 
 
 def main(argv):
@@ -275,7 +292,7 @@ def main(argv):
                          "--config configs/lm.py:size=tiny --workdir runs/tiny")
   logging.set_verbosity(logging.WARNING)
   try:
-    result = train(_CONFIG.value, _WORKDIR.value)
+    result = train(_CONFIG.value, _WORKDIR.value, started=STARTED)
   except config_lib.ConfigError as e:
     raise SystemExit(f"config error: {e}") from None
   except RunStopped as e:
