@@ -10,10 +10,9 @@ r"""Which benchmark suites `python -m foundation.evaluate --suites` runs, and th
 
 Arguments after the colon: `data_dir=` the folder the paths below are relative to (default
 data/benchmarks); `only=` suite names joined by '+'; `limit=` examples per suite (0: all);
-`fixtures` the test fixtures' files instead. A file can also be set on the command line:
---suites_override suites.hellaswag=/elsewhere/hellaswag_val.jsonl. The formats each suite reads
-(the original release's JSONL/CSV, or the Hugging Face dataset's parquet) are in
-docs/evaluation.md.
+`fixtures` the test fixtures' files instead. One suite from any file: `--tasks suite:NAME:FILE`.
+The formats each suite reads (the original release's JSONL/CSV, or the Hugging Face dataset's
+parquet) are in docs/evaluation.md.
 """
 
 import os

@@ -547,7 +547,8 @@ def _define_flags():
   flags.DEFINE_string("output", None, "Also write the results to this JSON file (several "
                       "checkpoints: a list, one object each).")
   flags.DEFINE_string("suites", None, "A suite config (configs/suites.py[:args]): the standard "
-                      "benchmarks it names, from their files, scored as lm-evaluation-harness does.")
+                      "benchmarks it names, from their files, scored as lm-evaluation-harness "
+                      "does.")
   flags.DEFINE_string("steps", None, "Checkpoints to evaluate: 'all' or steps '100,200' "
                       "(default: --step, or the latest).")
   flags.DEFINE_string("markdown", None, "Also write the suites' results tables to this file.")

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "suites")
 MODEL = os.path.join(FIXTURES, "model")
 sys.path.insert(0, ROOT)
-from configs import suites as suites_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import suites as suites_config  # pylint: disable=wrong-import-position
 
 with open(os.path.join(FIXTURES, "golden.json")) as _f:
   GOLDEN = json.load(_f)
@@ -120,6 +120,27 @@ def test_loglikelihoods_and_scores_equal_the_harness(suite, scored):
     else:
       assert metrics[f"{suite}/{metric}"] == pytest.approx(want, abs=1e-12), (metric, want)
   assert metrics[f"{suite}/examples"] == len(golden)
+  (results,) = GOLDEN["suites"][suite]["results"].values() if suite != "mmlu" else [{}]
+  for key, want in results.items():
+    if "_stderr" in key:  # the harness's mean_stderr over the same per-example scores
+      assert metrics[f"{suite}/{key.split(',')[0]}"] == pytest.approx(want, rel=1e-12), key
+
+
+def test_choice_scores_on_made_loglikelihoods_equal_the_harness():
+  """acc and acc_norm (per character of the choice, no delimiter) as the harness's
+  process_results gave them for made log-likelihoods, where the normalisations disagree."""
+  docs = {suite: suites.read_docs(suite, FILES[suite]) for suite in FILES}
+  first = {}  # the index in our file of each harness task's first doc (mmlu: per subject)
+  for case in GOLDEN["choice_scoring"]:
+    first.setdefault((case["suite"], case["task"]), sum(
+        1 for s in golden_samples(case["suite"]) if s["task"] < case["task"]))
+    doc = docs[case["suite"]][first[(case["suite"], case["task"])] + case["doc_id"]]
+    got = suites.choice_scores(doc, [(ll, False) for ll in case["lls"]])
+    for metric in ("acc", "acc_norm"):
+      if metric in case:
+        assert got[metric] == case[metric], (case, metric)
+  disagree = sum(1 for c in GOLDEN["choice_scoring"] if c.get("acc_norm", c["acc"]) != c["acc"])
+  assert disagree >= 5, disagree
 
 
 def test_gsm8k_answers_and_exact_match_equal_the_harness(runtime_and_params):
@@ -194,8 +215,9 @@ def test_command_line_writes_the_tables(tmp_path):
   only = "winogrande+mmlu+lambada"
   done = subprocess.run(
       [sys.executable, "-m", "foundation.evaluate", "--workdir", workdir,
-       "--suites", f"configs/suites.py:fixtures,only={only}", "--markdown", str(tmp_path / "r.md"),
-       "--output", str(tmp_path / "r.json")],
+       "--suites", f"configs/suites.py:fixtures,only={only}", "--steps", "all",
+       "--markdown", str(tmp_path / "r.md"), "--output", str(tmp_path / "r.json"),
+       "--log_samples", str(tmp_path / "samples.jsonl")],
       cwd=ROOT, env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-3000:]
   table = (tmp_path / "r.md").read_text()
@@ -208,3 +230,8 @@ def test_command_line_writes_the_tables(tmp_path):
                       rel_tol=1e-4)
   assert f"| mmlu | none | 0 | acc | {results['mmlu/acc']:.4f} |" in table
   assert table in done.stdout
+  logged = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+  order = sorted(only.split("+"))  # the config's suites, by name
+  assert [s["suite"] for s in logged] == ["lambada"] * 3 + ["mmlu"] * 4 + ["winogrande"] * 4
+  want = [ll for suite in order for s in golden_samples(suite) for ll in s["loglikelihoods"]]
+  np.testing.assert_allclose([ll for s in logged for ll in s["loglikelihoods"]], want, rtol=1e-5)
