@@ -202,6 +202,8 @@ def test_bad_files_are_one_line_errors(tmp_path):
     suites.read_docs("hellaswag2", str(bad))
   with pytest.raises(ValueError, match="did you mean 'piqa'"):
     suites_config.get_config("only=piqaa")
+  with pytest.raises(ValueError, match="num_fewshot=5; only the harness's zero-shot"):
+    evaluate.BenchmarkSuite("piqa", FILES["piqa"], runtime=None, num_fewshot=5)
 
 
 def test_command_line_writes_the_tables(tmp_path):
