@@ -25,6 +25,13 @@ Tasks (`--tasks`, or `config.evaluate.tasks`; comma-separated):
                "target" (or "reference", "answer", "references": [...])}. Greedy continuation of
                source + delimiter, cut at the first newline; exact_match (whitespace-normalised,
                any reference) or BLEU (sacrebleu, corpus level).
+  suite:NAME:FILE
+               a standard benchmark (foundation/suites.py: hellaswag, arc_easy, arc_challenge,
+               piqa, winogrande, mmlu, lambada, gsm8k) from its publisher's file (JSONL, parquet,
+               MMLU's CSV), with lm-evaluation-harness's prompts and scoring (zero-shot):
+               `NAME/acc`, `NAME/acc_norm`, `lambada/perplexity`, `gsm8k/exact_match,FILTER`.
+               `--suites configs/suites.py` runs a list of them and prints a markdown table per
+               checkpoint (`--steps all` for every checkpoint; `--markdown FILE` keeps it).
 `shots` > 0 puts that many solved examples of the same file (never the one asked), separated by
 blank lines, before each question. Contexts too long for the model lose their oldest tokens.
 A classifier has no vocabulary output: only `eval`/`classify` apply to it (its labels for a text:
@@ -51,6 +58,7 @@ from flax import linen as nn
 
 from foundation import generate as generate_lib
 from foundation import mesh as mesh_lib
+from foundation import suites as suites_lib
 
 CONTEXT_FIELDS = ("context", "question")
 SOURCE_FIELDS = ("source", "prompt", "input", "context", "question")
@@ -414,6 +422,56 @@ class Generation:
     yield f"{self.name}/examples", float(len(hypotheses))
 
 
+class BenchmarkSuite:
+  """A standard suite from its publisher's file, scored as lm-evaluation-harness does
+  (foundation/suites.py): per-example log-likelihoods (or gsm8k's greedy answers) into the
+  harness's metrics. `samples` holds the last run's per-example scores."""
+
+  def __init__(self, suite: str, path: str, runtime: Runtime, limit: int = 0, batch_size: int = 8,
+               max_gen_toks: int = suites_lib.MAX_GEN_TOKS, num_fewshot: int = 0):
+    if num_fewshot:
+      raise ValueError(f"suite {suite!r}: num_fewshot={num_fewshot}; only the harness's zero-shot "
+                       f"prompts are implemented (num_fewshot=0)")
+    self.suite, self.path, self.runtime, self.batch_size = suite, path, runtime, batch_size
+    self.name = suite
+    self.docs = suites_lib.read_docs(suite, path, limit)
+    self.encoder = suites_lib.HarnessEncoder(runtime.tokenizer)
+    # Token ids once: the pairs of every request, or the prompts of a generation suite.
+    self.pairs = [self.encoder.encode_pair(c, x) for d in self.docs for c, x in d.requests]
+    self.prompts = [self.encoder.encode(d.prompt) for d in self.docs if d.prompt]
+    self.max_gen_toks = max_gen_toks
+    if self.prompts and max_gen_toks >= runtime.max_len:
+      raise ValueError(f"suite {suite!r}: max_gen_toks={max_gen_toks} leaves no room for a "
+                       f"prompt in the model's context of {runtime.max_len} tokens")
+    self.samples: list[dict] = []
+
+  def generate(self, params) -> list[str]:
+    """Greedy answers as the harness's HFLM.generate_until makes them: the prompt cut from the
+    left to max_len - max_gen_toks, at most max_gen_toks new tokens, EOS ends a row, and the text
+    cut before the first stop sequence ("Question:", "</s>", "<|im_end|>", the EOS token's text)."""
+    tok, runtime = self.runtime.tokenizer, self.runtime
+    room = runtime.max_len - self.max_gen_toks
+    stops = list(suites_lib.GSM8K_UNTIL) + [self.encoder.eos_text()]
+    out = []
+    for start in range(0, len(self.prompts), self.batch_size):
+      rows = generate_lib.generate(
+          runtime.model, params, [p[-room:] for p in self.prompts[start:start + self.batch_size]],
+          max_new_tokens=self.max_gen_toks, max_len=runtime.max_len, stop_tokens=(tok.eos_id,),
+          pad_id=tok.pad_id, mesh=runtime.mesh, axis_rules=runtime.axis_rules)
+      out += [suites_lib.cut_at_stops(tok.decode(row), stops) for row in rows]
+    return out
+
+  def run(self, params) -> Iterator[tuple[str, float]]:
+    if self.prompts:
+      self.samples = suites_lib.score_docs(self.suite, self.docs, responses=self.generate(params))
+    else:
+      results = score(self.runtime, params, self.pairs, self.batch_size)
+      self.samples = suites_lib.score_docs(self.suite, self.docs, results=results)
+    for metric, value in suites_lib.aggregate(self.suite, self.samples).items():
+      yield f"{self.name}/{metric}", value
+    yield f"{self.name}/examples", float(len(self.docs))
+
+
 def check_task(task: str, config) -> None:
   """A task the run cannot do (an LM task on a classifier, `sft` on another run) is a one-line
   error saying why."""
@@ -444,7 +502,7 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
   for task in [t.strip() for t in eval_config.tasks.split(",") if t.strip()]:
     task = own_task(config) if task == "eval" else task
     kind, _, path = task.partition(":")
-    if kind in ("perplexity", "sft", "classify", "mc", "gen"):
+    if kind in ("perplexity", "sft", "classify", "mc", "gen", "suite"):
       check_task(task, config)
     if kind in ("perplexity", "sft") and not path:
       evaluators.append(HeldOut(kind, config, runtime))
@@ -457,9 +515,14 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
     elif kind == "gen" and path:
       evaluators.append(Generation(path, runtime, eval_config.metric,
                                    max_new_tokens=eval_config.max_new_tokens, **shared))
+    elif kind == "suite" and ":" in path:
+      suite, _, suite_path = path.partition(":")
+      evaluators.append(BenchmarkSuite(suite, suite_path, runtime, limit=eval_config.limit,
+                                       batch_size=eval_config.batch_size))
     else:
       raise ValueError(f"evaluate.tasks: {task!r} is not a task; use 'eval', 'perplexity', 'sft', "
-                       f"'classify', 'mc:FILE.jsonl' or 'gen:FILE.jsonl'")
+                       f"'classify', 'mc:FILE.jsonl', 'gen:FILE.jsonl' or 'suite:NAME:FILE' "
+                       f"(NAME one of {', '.join(suites_lib.SUITES)})")
   return evaluators
 
 
@@ -511,7 +574,15 @@ def _define_flags():
                        "(default config.eval.steps).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_multi_string("override", [], "A config field of the workdir, e.g. mesh.tensor=2.")
-  flags.DEFINE_string("output", None, "Also write the results to this JSON file.")
+  flags.DEFINE_string("output", None, "Also write the results to this JSON file (several "
+                      "checkpoints: a list, one object each).")
+  flags.DEFINE_string("suites", None, "A suite config (configs/suites.py[:args]): the standard "
+                      "benchmarks it names, from their files, scored as lm-evaluation-harness "
+                      "does.")
+  flags.DEFINE_string("steps", None, "Checkpoints to evaluate: 'all' or steps '100,200' "
+                      "(default: --step, or the latest).")
+  flags.DEFINE_string("markdown", None, "Also write the suites' results tables to this file.")
+  flags.DEFINE_string("log_samples", None, "Also write the suites' per-example scores (JSONL).")
 
 
 def main(argv):
@@ -525,26 +596,92 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   overrides = list(f.override) + ([f"eval.steps={f.eval_steps}"] if f.eval_steps else [])
   eval_config = common.evaluate_config()
-  eval_config.update(tasks=f.tasks, shots=f.shots, metric=f.metric, limit=f.limit,
+  # With --suites and no --tasks, only the suites run.
+  tasks = "" if f.suites and not f["tasks"].present else f.tasks
+  eval_config.update(tasks=tasks, shots=f.shots, metric=f.metric, limit=f.limit,
                      max_new_tokens=f.max_new_tokens, batch_size=f.batch_size,
                      delimiter=f.delimiter)
   try:
-    session = generate_lib.load(f.workdir, f.step, overrides)
+    steps = checkpoint_steps(f.workdir, f.steps, f.step)
+    session = generate_lib.load(f.workdir, steps[0], overrides)
     evaluators = make_evaluators(session.config, session.model, session.mesh, session.tokenizer,
                                  eval_config, f.workdir)
-    results = {"step": session.step, **run(evaluators, session.params)}
+    if f.suites:
+      evaluators += suite_evaluators(f.suites, session)
+    all_results, tables, samples = [], [], []
+    for step in steps:
+      params = session.params
+      if step != session.step:
+        params, step = generate_lib.restore_params(f.workdir, abstract_like(params), step)
+      results = {"step": step, **run(evaluators, params)}
+      print_results(results, evaluators)
+      names = [e.name for e in evaluators if isinstance(e, BenchmarkSuite)]
+      if names:
+        tables.append(suites_lib.results_table(step, results, names))
+        print(tables[-1])
+      samples += [dict(step=step, suite=e.name, doc=i, **sample) for e in evaluators
+                  if isinstance(e, BenchmarkSuite) for i, sample in enumerate(e.samples)]
+      all_results.append(results)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
+  if f.output:
+    with open(f.output, "w") as out:
+      json.dump(all_results[0] if len(all_results) == 1 else all_results, out, indent=2)
+  if f.markdown:
+    with open(f.markdown, "w") as out:
+      out.write("\n".join(tables))
+  if f.log_samples:
+    with open(f.log_samples, "w") as out:
+      out.writelines(json.dumps(s) + "\n" for s in samples)
+  sys.stdout.flush()
+
+
+def print_results(results: dict, evaluators) -> None:
   for name, value in results.items():
-    if "/confusion/" not in name:  # the table below shows those
+    if "/confusion/" not in name and "_stderr" not in name:  # tables show those
       print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
   for evaluator in evaluators:
     if isinstance(evaluator, Classification):
       print(evaluator.table())
-  if f.output:
-    with open(f.output, "w") as out:
-      json.dump(results, out, indent=2)
-  sys.stdout.flush()
+
+
+def checkpoint_steps(workdir: str, steps: str | None, step: int | None) -> list:
+  """The checkpoints --steps names ('all', or '100,200'), else [--step] (None: the latest)."""
+  if not steps:
+    return [step]
+  directory = os.path.join(workdir, "checkpoints")
+  have = sorted(int(d) for d in (os.listdir(directory) if os.path.isdir(directory) else [])
+                if d.isdigit())
+  if steps == "all":
+    if not have:
+      raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    return have
+  try:
+    wanted = [int(s) for s in steps.split(",") if s.strip()]
+  except ValueError:
+    raise ValueError(f"--steps={steps!r}: use 'all' or checkpoint steps like '100,200'") from None
+  missing = [s for s in wanted if s not in have]
+  if missing or not wanted:
+    raise ValueError(f"--steps={steps!r}: no checkpoint {missing} in {directory} (it has {have})")
+  return wanted
+
+
+def abstract_like(params):
+  """Shapes, dtypes and shardings of `params`: the target another checkpoint restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                      params)
+
+
+def suite_evaluators(spec: str, session) -> list:
+  """A BenchmarkSuite per suite of the config file `spec` (configs/suites.py[:args])."""
+  from foundation import config as config_lib  # pylint: disable=g-import-not-at-top
+  suite_config = config_lib.load_config_file(spec)
+  runtime = Runtime(session.model, session.mesh, mesh_lib.rules(session.config), session.tokenizer)
+  return [BenchmarkSuite(name, path, runtime, limit=suite_config.limit,
+                         batch_size=suite_config.batch_size,
+                         max_gen_toks=suite_config.max_gen_toks,
+                         num_fewshot=suite_config.num_fewshot)
+          for name, path in suite_config.suites.items()]
 
 
 if __name__ == "__main__":
