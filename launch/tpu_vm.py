@@ -113,8 +113,11 @@ def create_or_reuse(args) -> list[str]:
   return [f"# 1. the queued resource ({args.num_slices} slice(s)): reuse it if it exists, "
           f"else request it, then wait for capacity",
           f"{describe} >/dev/null 2>&1 || {create}",
-          f'until [[ "$({state})" == ACTIVE ]]; do',
-          f'  echo "waiting for {args.name} to be ACTIVE"; sleep 30',
+          f"while state=$({state}) && [[ $state != ACTIVE ]]; do",
+          '  if [[ $state == FAILED || $state == SUSPENDED ]]; then',
+          f'    echo "queued resource {args.name} is $state" >&2; exit 1',
+          "  fi",
+          f'  echo "waiting for {args.name} to be ACTIVE (now $state)"; sleep 30',
           "done"]
 
 

@@ -135,6 +135,21 @@ esac""")
             f"2>&1 | tee -a ~/foundation.log") in command
 
 
+def test_tpu_queued_resource_that_failed_stops_the_script(tmp_path):
+  script = launch("tpu_vm.py", "--name", "qr", "--zone", "z1", "--accelerator-type", "v6e-16",
+                  "--queued", "--dry-run", "--", *TRAIN).stdout
+  assert "queued-resources create qr --accelerator-type=v6e-16 --runtime-version=v2-alpha-tpuv6e" \
+         " --node-id=qr --zone=z1" in script
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  stand_in(bin_dir, "gcloud", 'if [[ "$*" == *--format* ]]; then echo FAILED; fi')
+  result = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+                          timeout=60)
+  assert result.returncode == 1 and "queued resource qr is FAILED" in result.stderr
+  assert not any(c[3] in ("scp", "ssh") for c in calls(bin_dir, "gcloud"))  # nothing ran
+
+
 def test_tpu_vm_refuses_a_workdir_only_one_host_sees():
   result = launch("tpu_vm.py", "--name", "t", "--zone", "z", "--accelerator-type", "v4-32",
                   "--dry-run", "--", "--config", "configs/lm.py", "--workdir", "runs/x",
