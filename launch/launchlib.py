@@ -97,6 +97,17 @@ def print_or_run(text: str, argv: list[str], dry_run: bool) -> int:
   return subprocess.run(argv, input=text, text=True, check=False).returncode
 
 
+def print_or_run_script(script: str, dry_run: bool) -> int:
+  """--dry-run: prints the bash script. Otherwise runs it as `bash -c SCRIPT`: not on bash's
+  standard input, which the commands in it (ssh) would read and so eat the rest of the script."""
+  if dry_run:
+    sys.stdout.write(script)
+    print("# --dry-run: not executed; without it this runs: bash -c '<the script above>'",
+          file=sys.stderr)
+    return 0
+  return subprocess.run(["bash", "-c", script], check=False).returncode
+
+
 def main_guard(main) -> None:
   """Runs main(argv); a LaunchError is one line and exit 2."""
   try:

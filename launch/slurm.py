@@ -97,7 +97,9 @@ def render(args, train_args: list[str]) -> str:
       ". launch/gpu_env.sh",
       "",
       "# jax.distributed: the first node of the allocation coordinates; one process per task.",
-      'coordinator=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+      # (No `| head -n 1`: under pipefail, scontrol writing after head has gone fails the job.)
+      'nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+      "coordinator=${nodes%%$'\\n'*}",
       'export JAX_COORDINATOR_ADDRESS="$coordinator:$((20000 + SLURM_JOB_ID % 20000))"',
       'export JAX_NUM_PROCESSES="$SLURM_NTASKS"',
       'echo "foundation: $SLURM_NTASKS processes on $SLURM_JOB_NUM_NODES nodes,' +

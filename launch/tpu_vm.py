@@ -180,7 +180,7 @@ def render(args, train_args: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
   args, train_args = parse(argv)
-  return launchlib.print_or_run(render(args, train_args), ["bash", "-s"], args.dry_run)
+  return launchlib.print_or_run_script(render(args, train_args), args.dry_run)
 
 
 if __name__ == "__main__":

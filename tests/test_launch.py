@@ -66,7 +66,7 @@ def test_tpu_vm_dry_run_creates_or_reuses_installs_and_runs_on_every_worker(tmp_
                   *TRAIN)
   script = result.stdout
   lines = script.splitlines()
-  assert "bash -s" in result.stderr and "not executed" in result.stderr
+  assert "bash -c" in result.stderr and "not executed" in result.stderr
   # Create unless it exists (reuse), with the documented flags.
   create = next(line for line in lines if "tpu-vm create" in line)
   assert create.startswith("gcloud compute tpus tpu-vm describe my-tpu --zone=us-east5-b "
@@ -88,11 +88,13 @@ def test_tpu_vm_dry_run_creates_or_reuses_installs_and_runs_on_every_worker(tmp_
   shellcheck(str(tmp_path / "tpu.sh"))
 
 
-def test_tpu_multislice_script_runs_every_slice_with_its_megascale_env(tmp_path):
-  """The rendered script, run by bash with a stand-in gcloud: what each gcloud call receives."""
+def test_tpu_multislice_launch_runs_every_slice_with_its_megascale_env(tmp_path):
+  """The launcher run for real (no --dry-run) with a stand-in gcloud on PATH: what each gcloud
+  call receives, in the order the script makes them."""
   name = f"ms-test-{os.getpid()}"
-  script = launch("tpu_vm.py", "--name", name, "--zone", "z1", "--accelerator-type", "v5p-16",
-                  "--num-slices", "2", "--spot", "--dry-run", "--", *TRAIN).stdout
+  args = ["--name", name, "--zone", "z1", "--accelerator-type", "v5p-16", "--num-slices", "2",
+          "--spot", "--", *TRAIN]
+  script = launch("tpu_vm.py", "--dry-run", *args).stdout
   (tmp_path / "multislice.sh").write_text(script)
   shellcheck(str(tmp_path / "multislice.sh"))
 
@@ -103,11 +105,13 @@ case "$*" in
   *"queued-resources describe"*"--format"*) echo ACTIVE ;;
   *"queued-resources describe"*) exit 1 ;;     # not there yet: the script creates it
   *"tpu-vm describe"*"networkEndpoints"*) echo 10.1.2.3 ;;
+  *" ssh "*) cat >/dev/null ;;                  # ssh forwards its standard input
 esac""")
   env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
   try:
-    result = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True,
-                            env=env, timeout=120)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "tpu_vm.py"), *args],
+                            capture_output=True, text=True, env=env, timeout=120,
+                            stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     with tarfile.open(f"/tmp/foundation-{name}.tar.gz") as tar:  # this checkout, packed
       assert "foundation/train.py" in tar.getnames()
@@ -143,7 +147,8 @@ def test_tpu_queued_resource_that_failed_stops_the_script(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   stand_in(bin_dir, "gcloud", 'if [[ "$*" == *--format* ]]; then echo FAILED; fi')
-  result = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True,
+  result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL,
                           env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
                           timeout=60)
   assert result.returncode == 1 and "queued resource qr is FAILED" in result.stderr
@@ -181,7 +186,10 @@ def slurm_job(tmp_path, *args: str, exit_code: int = 0):
                   "--python", str(trainer), *args, "--dry-run", "--", *TRAIN).stdout
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  stand_in(bin_dir, "scontrol", 'if [[ $1 == show ]]; then printf "gpu-a7\\ngpu-a8\\n"; fi')
+  # scontrol writes its lines apart (as a long node list does): a reader that stops early
+  # (`| head -n 1`) makes it fail with SIGPIPE, which pipefail would turn into a failed job.
+  stand_in(bin_dir, "scontrol",
+           'if [[ $1 == show ]]; then echo gpu-a7; sleep 0.2; echo gpu-a8; fi')
   # srun: SLURM_NTASKS tasks, each with its rank, running the given command (bash -c ...).
   stand_in(bin_dir, "srun", """
 shift  # --kill-on-bad-exit=1
@@ -193,8 +201,10 @@ done""")
          "SLURM_JOB_NODELIST": "gpu-a[7-8]", "SLURM_JOB_ID": "4242",
          "SLURM_NTASKS": str(2 * tasks_per_node), "SLURM_NTASKS_PER_NODE": str(tasks_per_node),
          "SLURM_JOB_NUM_NODES": "2"}
-  result = subprocess.run(["bash", "-s"], input=script, capture_output=True, text=True,
+  result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL,
                           env=env, timeout=120)
+  assert (tmp_path / "tasks.jsonl").exists(), f"no task ran: {result.stdout}\n{result.stderr}"
   tasks = [json.loads(line) for line in (tmp_path / "tasks.jsonl").read_text().splitlines()]
   return script, result, tasks, calls(bin_dir, "scontrol")
 
