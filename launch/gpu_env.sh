@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # XLA and allocator settings for NVIDIA Hopper GPUs (H100, H200). Source it before starting JAX:
 #
 #   . launch/gpu_env.sh && python -m foundation.train --config ... --workdir ...
