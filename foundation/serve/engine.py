@@ -145,6 +145,7 @@ class Engine:
     self.tokens_generated = 0
     self.prompt_tokens = 0
     self.occupancy_sum = 0
+    self.cancelled = 0
     self._cache = None
     self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
     self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
@@ -222,11 +223,15 @@ class Engine:
     self._thread.start()
 
   def warm_up(self) -> None:
-    """Compiles the decode step and the smallest prefill bucket before the first request."""
-    done = threading.Event()
-    self.submit(Request([self.session.tokenizer.bos_id], max_tokens=2,
-                        on_event=lambda e: e[0] == "done" and done.set()))
-    done.wait()
+    """Compiles the decode step and the prefill of every prompt bucket before the first request
+    (the first request of each length would otherwise wait for a compile)."""
+    width = generate_lib.MIN_PROMPT_BUCKET // 2
+    while width < self.max_len - 1:
+      width = generate_lib.bucket(width + 1)
+      done = threading.Event()
+      self.submit(Request([self.session.tokenizer.bos_id] * min(width, self.max_len - 2),
+                          max_tokens=2, on_event=lambda e, d=done: e[0] == "done" and d.set()))
+      done.wait()
 
   def drain(self, timeout: float) -> bool:
     """Stops taking requests; waits up to `timeout` s for the running and queued ones to finish,
@@ -355,6 +360,7 @@ class Engine:
 
   def _finish(self, slot: _Slot, reason: str) -> None:
     request, slot.request = slot.request, None
+    self.cancelled += reason == "cancelled"
     self._emit(request, ("done", reason))
 
   @staticmethod
