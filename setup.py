@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "jinja2>=3.1"]
+
 setup(
     name="foundation",
     version="0.1.0",
@@ -29,7 +31,13 @@ setup(
         "tokenizers>=0.15",   # an imported model's tokenizer.json
         "sacrebleu>=2.3",     # BLEU for generation tasks
     ],
+    package_data={"foundation.serve": ["page.html"]},
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # python -m foundation.serve (docs/serving.md): the ASGI app, its server, the metrics
+        # format and the chat templates of imported models (Jinja, as transformers renders them).
+        "serve": SERVE,
+        # The server's tests drive it with the real OpenAI client, and its page with Selenium
+        # through Debian's chromium + chromium-driver (.ci/run installs those with apt).
+        "test": ["pytest", "pytest-xdist", *SERVE, "openai>=1.0", "selenium>=4.10"],
     },
 )

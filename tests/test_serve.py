@@ -3,6 +3,7 @@
 the Q&A page. The greedy tokens are compared with foundation.generate's."""
 
 import concurrent.futures
+import dataclasses
 import http.client
 import json
 import os
@@ -16,12 +17,15 @@ import time
 import urllib.error
 import urllib.request
 
+import ml_collections
 import openai
 import pytest
 
 from configs import lm
 from foundation import generate
 from foundation import train
+from foundation.data import sft
+from foundation.data import tokenizers
 from foundation.serve import keys as keys_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,8 +105,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(workdir, keys):
-  """One server for the module: 2 CPU devices (the slots split over them), 4 slots, small caps."""
+def server(workdir, keys, loaded):
+  """One server for the module: 2 CPU devices (the slots split over them), 4 slots, small caps.
+  The test process loads its own copy of the model meanwhile (`session`)."""
   env = {**os.environ, "PYTHONPATH": ROOT,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   process = subprocess.Popen(
@@ -110,6 +115,7 @@ def server(workdir, keys):
        "--api-keys", keys[0], "--slots", "4", "--max-tokens", str(CAP_TOKENS),
        "--max-n", str(CAP_N), "--max-body-bytes", str(CAP_BODY), "--drain-timeout", "60"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  loaded.append(generate.load(workdir))
   lines = []
   url = None
   deadline = time.monotonic() + 240
@@ -129,8 +135,14 @@ def server(workdir, keys):
 
 
 @pytest.fixture(scope="module")
-def session(workdir):
-  return generate.load(workdir)
+def loaded():
+  return []
+
+
+@pytest.fixture(scope="module")
+def session(server, loaded):
+  """The model as foundation.generate loads it (8 CPU devices), for the reference tokens."""
+  return loaded[0]
 
 
 PROMPTS = ["def ", "import os\nimport sys\n", "class Point:\n    def __init__(self, x, y):\n",
@@ -140,7 +152,7 @@ PROMPTS = ["def ", "import os\nimport sys\n", "class Point:\n    def __init__(se
 def test_completions_chat_and_streams_give_generates_greedy_tokens(server, keys, session):
   client = server.client(keys[1]["dev"])
   assert [m.id for m in client.models.list().data] == ["base"]
-  for prompt in PROMPTS[:3]:
+  for prompt in (PROMPTS[0], PROMPTS[3]):
     expected = session.generate([prompt], max_new_tokens=24)[0]
     got = client.completions.create(model="base", prompt=prompt, max_tokens=24, temperature=0)
     assert got.choices[0].text == expected, prompt
@@ -209,6 +221,44 @@ def test_sampling_options(server, keys, session):
   streamed = client.completions.create(model="base", prompt="def ", max_tokens=20, temperature=0,
                                        stop=stop, stream=True)
   assert "".join(c.choices[0].text for c in streamed) == text[:text.find(stop)]
+
+
+def with_task(session, task):
+  config = session.config.copy_and_resolve_references()
+  with config.unlocked():
+    config.task = task
+  return dataclasses.replace(session, config=config)
+
+
+def test_interactive_chat_uses_the_sft_template_a_fine_tune_was_trained_with(session):
+  """generate --interactive and the API share generate.ChatTemplate: an SFT workdir's turns are
+  its training template (before: the plain User/Assistant transcript, which an SFT model never
+  saw)."""
+  sft_session = with_task(session, "sft")
+  chat = generate.Chat(sft_session, reply_tokens=20)  # the first test's compiled shapes
+  assert chat.template.kind == "sft"
+  chat.send("a function that adds")
+  assert chat.last_prompt == sft.chat_prompt_ids(
+      session.tokenizer, [{"role": "user", "content": "a function that adds"}])
+  assert generate.Chat(session, reply_tokens=20).template.kind == "plain"
+
+
+def test_an_imported_models_template_comes_from_its_tokenizer_config(tmp_path):
+  files = tokenizers.byte_tokenizer_files()
+  sidecar = json.loads(files["tokenizer_config.json"])
+  sidecar["chat_template"] = (
+      "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n"
+      "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
+  files["tokenizer_config.json"] = json.dumps(sidecar).encode()
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+  tok = tokenizers.HFTokenizer(str(tmp_path / "tokenizer.json"))
+  template = generate.ChatTemplate.of(ml_collections.ConfigDict({"task": "lm"}), tok)
+  assert template.kind == "hf" and template.stop_texts == ()
+  ids = template.prompt_ids([{"role": "user", "content": "hi"}])
+  assert ids[0] == tok.bos_id and tok.decode(ids) == "[user] hi\n[assistant] "
+  # A fine-tune of it was trained with the SFT template, which wins.
+  assert generate.ChatTemplate.of(ml_collections.ConfigDict({"task": "sft"}), tok).kind == "sft"
 
 
 def one_line_error(status, body, expected_status, field):
@@ -372,13 +422,17 @@ def test_the_page_streams_an_answer_in_a_real_browser(server, keys):
 
 
 def test_sigterm_finishes_the_running_requests_then_exits(server, keys):
-  """Last in the module: SIGTERM with three streams in flight; each gets its whole answer."""
+  """Last in the module: SIGTERM with three streams in flight; each gets its whole answer (the
+  one it gets alone)."""
   client = server.client(keys[1]["dev"])
+  prompts = [PROMPTS[0], PROMPTS[3], PROMPTS[5]]
+  expected = [client.completions.create(model="base", prompt=p, max_tokens=CAP_TOKENS,
+                                        temperature=0).choices[0].text for p in prompts]
   started = threading.Barrier(4)
   results = [None] * 3
 
   def stream(i):
-    chunks = client.completions.create(model="base", prompt=PROMPTS[i], max_tokens=CAP_TOKENS,
+    chunks = client.completions.create(model="base", prompt=prompts[i], max_tokens=CAP_TOKENS,
                                        temperature=0, stream=True)
     text, finish = "", None
     for n, chunk in enumerate(chunks):
@@ -398,7 +452,6 @@ def test_sigterm_finishes_the_running_requests_then_exits(server, keys):
   assert server.process.wait(timeout=60) == 0
   out = "".join(server.lines)
   assert "signal SIGTERM: draining" in out and "drained: every request finished" in out, out
-  alone = [r for r in results]
-  assert all(r is not None and r[1] == "length" for r in alone), results
+  assert [r and r[0] for r in results] == expected
   with pytest.raises(urllib.error.URLError):
     urllib.request.urlopen(server.url + "/health", timeout=5)
