@@ -369,6 +369,8 @@ class Server:
       raise ApiError(503, str(e), None, "overloaded_error") from None
     except ValueError as e:  # the prompt and the context (checked again by the engine)
       raise ApiError(400, str(e), "prompt") from None
+    except RuntimeError as e:  # the decode loop failed: /health says so too
+      raise ApiError(500, str(e).splitlines()[0], None, "server_error") from None
     return jobs
 
 
@@ -463,6 +465,8 @@ class Answer:
             if delta:
               yield i, delta
           else:
+            if value == "error":
+              raise RuntimeError(f"the decode loop failed: {self.server.engine.error}")
             if self.finish[i] is None:
               self.finish[i] = "stop" if value in ("stop", "cancelled") else "length"
             yield i, self.texts[i].finish()
@@ -473,7 +477,7 @@ class Answer:
 
   def usage(self) -> dict:
     completion = sum(self.tokens)
-    prompt = self.prompt_len * len(self.jobs)
+    prompt = self.prompt_len  # as OpenAI counts it: once, whatever n
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
@@ -535,7 +539,10 @@ class Answer:
         consume.cancel()
         self.cancel()
         raise ApiError(499, "the client went away", None, "client_closed")
-      await consume
+      try:
+        await consume
+      except RuntimeError as e:
+        raise ApiError(500, str(e).splitlines()[0], None, "server_error") from None
     finally:
       watcher.cancel()
       self.cancel()

@@ -12,7 +12,7 @@ vmapped over the slot axis, which is split over the mesh's data-parallel axes li
 batch). Each turn of the loop:
 
   1. admits waiting requests into free slots, at most `prefill_per_step` of them: each prompt is
-     prefilled alone (left-padded to a power-of-two bucket, as foundation.generate does) into a
+     prefilled alone (right-padded to a power-of-two bucket, so few lengths compile) into a
      fresh row of the cache, and its first token is sampled from the prefill's logits;
   2. runs ONE decode step for all slots at once (a free slot computes too, its result unread);
   3. hands each running request its new token, and frees the slots whose request finished (a stop
@@ -42,6 +42,7 @@ from flax import linen as nn
 
 from foundation import generate as generate_lib
 from foundation import mesh as mesh_lib
+from foundation.models import layers
 from foundation.models import transformer
 
 
@@ -57,7 +58,8 @@ class Draining(Exception):
 class Request:
   """One sequence to generate. Events go to `on_event` from the engine's thread:
   ('token', id) for each new token (a stop token is not sent), then ('done', reason) with reason
-  'stop' (a stop token), 'length' (max_tokens or the context) or 'cancelled'."""
+  'stop' (a stop token), 'length' (max_tokens or the context), 'cancelled' or 'error' (the
+  loop failed; Engine.error says why)."""
   prompt: list[int]
   max_tokens: int
   temperature: float = 0.0
@@ -127,9 +129,9 @@ class Engine:
     dp = mesh_lib.data_parallel_degree(session.mesh, session.axis_rules)
     self.slots = -(-slots // dp) * dp  # the slot axis splits evenly over the data-parallel axes
     self.max_len = session.max_len
-    # A prompt of n tokens takes bucket(n) cache columns (left-padded) and then up to
-    # max_len - n new tokens: a row of bucket(max_len - 1) + max_len columns holds any request.
-    self.cache_len = generate_lib.bucket(self.max_len - 1) + self.max_len
+    # A prompt's prefill writes bucket(n) columns (the prompt, then padding the answer
+    # overwrites); prompt and answer together are at most max_len tokens.
+    self.cache_len = max(self.max_len, generate_lib.bucket(self.max_len - 1))
     self.prefill_per_step = prefill_per_step
     self.params = {"": session.params}
     self.params.update(adapters or {})
@@ -147,29 +149,113 @@ class Engine:
     self.occupancy_sum = 0
     self.cancelled = 0
     self._cache = None
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+    # The slot axis (the first of every cache array) is split like a training batch.
+    self.cache_sharding = jax.sharding.NamedSharding(session.mesh, jax.P(self.batch_axes))
+    replicated = jax.sharding.NamedSharding(session.mesh, jax.P())
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
+                           out_shardings=(replicated, self.cache_sharding))
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,),
+                            out_shardings=(replicated, self.cache_sharding))
 
   # ------------------------------------------------------------------ the jitted steps
 
   def _context(self):
     return _Context(self.mesh, self.rules)
 
-  def _slot_cache(self):
-    return transformer.init_cache(self.cfg, 1, self.cache_len)
+  def _row_cache(self) -> dict:
+    """One row's empty cache: {'k': per layer [K, H, C], 'v': per layer [K, C, H],
+    'segment_ids': [C] (0: empty or padding), 'index': int32 scalar (the next column)}.
+
+    The layout is for decoding: keys with the column last and values with it second, so both
+    attention products are plain batched matmuls over the columns, without the transpose of the
+    whole cache per layer and step that the model's [B, C, K, H] layout costs in XLA on a CPU;
+    one array per layer (not the model's [layers, ...] stack) so each is updated in place."""
+    cfg, c = self.cfg, self.cache_len
+    zeros = lambda shape: jnp.zeros(shape, cfg.compute_dtype)
+    return {"k": [zeros((cfg.n_kv_heads, cfg.head_dim, c)) for _ in range(cfg.n_layers)],
+            "v": [zeros((cfg.n_kv_heads, c, cfg.head_dim)) for _ in range(cfg.n_layers)],
+            "segment_ids": jnp.zeros((c,), jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
   def _empty_cache(self):
     with self._context():
-      return jax.jit(lambda: jax.vmap(lambda _: self._slot_cache(),
-                                      spmd_axis_name=self.batch_axes)(jnp.arange(self.slots)))()
+      return jax.jit(lambda: jax.vmap(lambda _: self._row_cache())(jnp.arange(self.slots)),
+                     out_shardings=self.cache_sharding)()
+
+  def _layer_params(self, params, i: int):
+    if "layers" in params:  # scan_layers: every leaf has a leading layer axis
+      return jax.tree.map(lambda a: a[i], params["layers"])
+    return params[f"layers_{i}"]
+
+  def _attention(self, p, x, positions, segments, k_row, v_row, seg_row, index):
+    """layers.Attention's decoding path for one row, on this engine's cache layout: x [1, T, D]
+    (the T new tokens, written at columns index..index+T-1) -> ([1, T, D], k_row, v_row).
+    The same projections (layers.Dense: biases and LoRA included), rotary embeddings, mask rule
+    (layers.cached_attention_mask) and float32 softmax as jax.nn.dot_product_attention's."""
+    cfg = self.cfg
+    n, k, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    bias = cfg.qkv_bias
+    dense = lambda features, names, name, **kw: layers.Dense(
+        cfg, features, names, name=name, **kw).apply({"params": p[name]}, x)
+    q = dense((n, h), ("embed", "heads", "head_dim"), "q", use_bias=bias)
+    new_k = dense((k, h), ("embed", "kv_heads", "head_dim"), "k", use_bias=bias)
+    new_v = dense((k, h), ("embed", "kv_heads", "head_dim"), "v", use_bias=bias)
+    inv_freq = layers.inverse_frequencies(cfg)
+    q = layers.rotary(q, positions, cfg.rope_theta, inv_freq)[0]            # [T, N, H]
+    new_k = layers.rotary(new_k, positions, cfg.rope_theta, inv_freq)[0]    # [T, K, H]
+    t = q.shape[0]
+    k_row = jax.lax.dynamic_update_slice(
+        k_row, new_k.transpose(1, 2, 0).astype(k_row.dtype), (0, 0, index))
+    v_row = jax.lax.dynamic_update_slice(
+        v_row, new_v[0].transpose(1, 0, 2).astype(v_row.dtype), (0, index, 0))
+    q = q.reshape(t, k, n // k, h).transpose(1, 2, 0, 3)                      # [K, G, T, H]
+    logits = jnp.einsum("kgth,khc->kgtc", q, k_row, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(h ** -0.5)
+    mask = layers.cached_attention_mask(segments, seg_row[None], index, cfg.sliding_window)
+    logits = jnp.where(mask[0], logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_row.dtype)
+    out = jnp.einsum("kgtc,kch->kgth", probs, v_row)
+    out = out.transpose(2, 0, 1, 3).reshape(1, t, n, h)
+    out = layers.Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,
+                       name="o").apply({"params": p["o"]}, out)
+    return out, k_row, v_row
+
+  def _forward(self, params, row, tokens, positions, segments, last=None):
+    """Transformer.__call__ with a cache, for one row: tokens, positions, segments [1, T]
+    written at row['index']. Returns (float32 logits [vocab] of column `last` (default: the
+    last one), the updated row with its index moved on by T)."""
+    cfg, index = self.cfg, row["index"]
+    x = layers.Embed(cfg).apply({"params": params["embed"]}, tokens)
+    seg_row = jax.lax.dynamic_update_slice(row["segment_ids"], segments[0].astype(jnp.int32),
+                                           (index,))
+    keys, values = [], []
+    for i in range(cfg.n_layers):
+      p = self._layer_params(params, i)
+      h = layers.RMSNorm(cfg).apply({"params": p["attn_norm"]}, x)
+      h, k_row, v_row = self._attention(p["attn"], h, positions, segments, row["k"][i],
+                                        row["v"][i], seg_row, index)
+      x = x + h
+      x = x + layers.Mlp(cfg).apply({"params": p["mlp"]},
+                                    layers.RMSNorm(cfg).apply({"params": p["mlp_norm"]}, x))
+      keys.append(k_row)
+      values.append(v_row)
+    x = x[:, -1:] if last is None else jax.lax.dynamic_slice_in_dim(x, last, 1, axis=1)
+    x = layers.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+    logits = transformer.output_logits(cfg, params, x)
+    return logits[0, -1], {"k": keys, "v": values, "segment_ids": seg_row,
+                           "index": index + jnp.int32(tokens.shape[1])}
 
   def _prefill_fn(self, params, cache, slot, tokens, segments, temperature, top_k, top_p, seed):
-    """Prefills one left-padded prompt [1, P] into row `slot`; returns (first token, cache)."""
-    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-    logits, row = self.model.apply({"params": params}, tokens, positions, segments,
-                                   cache=self._slot_cache())
+    """Prefills one right-padded prompt [1, P] into row `slot`; returns (first token, cache).
+
+    The prompt's n tokens take columns 0..n-1 (the padding after them has segment id 0: never
+    attended to) and the row's next write is column n, so a row of max(context, largest bucket)
+    columns holds any request."""
+    n = jnp.sum(segments, dtype=jnp.int32)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    logits, row = self._forward(params, self._row_cache(), tokens, positions, segments, n - 1)
+    row["index"] = n
     cache = jax.tree.map(lambda whole, one: whole.at[slot].set(one), cache, row)
-    first = sample_rows(logits[:, -1], temperature[None], top_k[None], top_p[None],
+    first = sample_rows(logits[None], temperature[None], top_k[None], top_p[None],
                         jax.random.fold_in(jax.random.key(seed), 0)[None])
     return first[0], cache
 
@@ -182,10 +268,9 @@ class Engine:
     write index: its column is overwritten by its next real token."""
     def one(row, live, token, position):
       segment = live.astype(jnp.int32)[None, None]
-      logits, new = self.model.apply({"params": params}, token[None, None],
-                                     position[None, None], segment, cache=row)
+      logits, new = self._forward(params, row, token[None, None], position[None, None], segment)
       new["index"] = jnp.where(live, new["index"], row["index"])
-      return logits[0, -1], new
+      return logits, new
     logits, cache = jax.vmap(one, spmd_axis_name=self.batch_axes)(cache, active, tokens, positions)
     keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(
         seeds, counts)
@@ -265,8 +350,14 @@ class Engine:
           continue
         self._step()
     except BaseException as e:  # pylint: disable=broad-except
+      # Never leave a client waiting: every request still here ends with 'error'.
       self.error = e
       self.stopped.set()
+      for slot in self.rows:
+        if slot.request is not None:
+          self._finish(slot, "error")
+      while not self.waiting.empty():
+        self._emit(self.waiting.get_nowait(), ("done", "error"))
       raise
 
   def _admit(self) -> None:
@@ -288,7 +379,7 @@ class Engine:
     width = generate_lib.bucket(n)
     tokens = np.full((1, width), self.session.tokenizer.pad_id, np.int32)
     segments = np.zeros((1, width), np.int32)
-    tokens[0, width - n:], segments[0, width - n:] = request.prompt, 1
+    tokens[0, :n], segments[0, :n] = request.prompt, 1
     request.started = time.monotonic()
     with self._context():
       first, self._cache = self._prefill(
@@ -366,7 +457,10 @@ class Engine:
   @staticmethod
   def _emit(request: Request, event) -> None:
     if request.on_event is not None:
-      request.on_event(event)
+      try:
+        request.on_event(event)
+      except RuntimeError:  # the receiver's event loop is closed (the server is stopping)
+        pass
 
 
 class _Context:
