@@ -18,6 +18,7 @@ after --timeout seconds and the servers are stopped at the end (SIGTERM, then ki
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import numpy as np
 
@@ -76,41 +78,53 @@ def stop_server(process) -> None:
     process.wait()
 
 
-def one_request(client, prompt: str, max_tokens: int) -> dict:
+def one_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> dict:
+  """One streaming completion over a plain HTTP connection (a light client: the measurement is
+  of the server, and the clients share this machine's cores with it)."""
+  host = url.split("//")[1]
   started = time.monotonic()
+  connection = http.client.HTTPConnection(host, timeout=timeout)
+  body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                     "temperature": 0, "stream": True,
+                     "stream_options": {"include_usage": True}})
+  connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+  response = connection.getresponse()
+  if response.status != 200:
+    raise SystemExit(f"HTTP {response.status}: {response.read()[:300]!r}")
   first, text, finish, tokens = None, "", None, 0
-  for chunk in client.completions.create(model=client.model_name, prompt=prompt,
-                                         max_tokens=max_tokens, temperature=0, stream=True,
-                                         stream_options={"include_usage": True}):
-    if chunk.usage is not None:
-      tokens = chunk.usage.completion_tokens
-    if chunk.choices:
-      if first is None and chunk.choices[0].text:
+  for line in response:
+    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+      continue
+    chunk = json.loads(line[6:])
+    if chunk.get("usage"):
+      tokens = chunk["usage"]["completion_tokens"]
+    for choice in chunk["choices"]:
+      if first is None and choice["text"]:
         first = time.monotonic() - started
-      text += chunk.choices[0].text
-      finish = chunk.choices[0].finish_reason or finish
+      text += choice["text"]
+      finish = choice["finish_reason"] or finish
+  connection.close()
   return {"text": text, "tokens": tokens, "latency": time.monotonic() - started,
           "first_token": first, "finish": finish}
 
 
-def make_client(url: str, timeout: float):
-  import openai  # pylint: disable=g-import-not-at-top
-  client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=timeout)
-  client.model_name = client.models.list().data[0].id
-  return client
+def model_name(url: str) -> str:
+  with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
+    return json.load(response)["data"][0]["id"]
 
 
 def run(workdir, slots, requests, max_tokens, concurrent_clients, timeout):
   process, url, banner = start_server(workdir, slots, max_tokens)
   try:
-    client = make_client(url, timeout)
-    one_request(client, requests[0], 4)  # a first request outside the measurement
+    model = model_name(url)
+    ask = lambda p: one_request(url, model, p, max_tokens, timeout)
+    one_request(url, model, requests[0], 4, timeout)  # a first request outside the measurement
     started = time.monotonic()
     if concurrent_clients > 1:
       with concurrent.futures.ThreadPoolExecutor(concurrent_clients) as pool:
-        results = list(pool.map(lambda p: one_request(client, p, max_tokens), requests))
+        results = list(pool.map(ask, requests))
     else:
-      results = [one_request(client, p, max_tokens) for p in requests]
+      results = [ask(p) for p in requests]
     wall = time.monotonic() - started
   finally:
     stop_server(process)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import secrets
+import threading
 import time
 
 import prometheus_client as prom
@@ -108,6 +109,7 @@ class Server:
     self.max_prompt = min(limits.max_prompt_tokens or self.max_len - 1, self.max_len - 1)
     self.metrics = Metrics(engine)
     self.created = int(time.time())
+    self._mailbox = None
     with open(os.path.join(os.path.dirname(__file__), "page.html"), encoding="utf-8") as f:
       self.page = f.read()
 
@@ -344,6 +346,11 @@ class Server:
     self.check_prompt(ids, "messages")
     return ids
 
+  def mailbox(self, loop) -> "Mailbox":
+    if self._mailbox is None or self._mailbox.loop is not loop:
+      self._mailbox = Mailbox(loop)
+    return self._mailbox
+
   def submit(self, prompt, adapter, params, max_tokens) -> list["Job"]:
     base_seed = params["seed"]
     if base_seed is None:
@@ -351,7 +358,7 @@ class Server:
     jobs = []
     try:
       for i in range(params["n"]):
-        job = Job(asyncio.get_running_loop())
+        job = Job(self.mailbox(asyncio.get_running_loop()))
         job.request = engine_lib.Request(
             prompt, max_tokens, temperature=params["temperature"], top_k=params["top_k"],
             top_p=params["top_p"], seed=(base_seed + i) % (1 << 32),
@@ -374,16 +381,40 @@ class Server:
     return jobs
 
 
-class Job:
-  """One choice: the engine's request and the events it sends back (to this event loop)."""
+class Mailbox:
+  """Events from the engine's thread to the jobs on the event loop: appended under a lock and
+  handed over in one loop callback per batch (one wake-up of the loop per decode step, not one
+  per token)."""
 
   def __init__(self, loop):
     self.loop = loop
+    self._lock = threading.Lock()
+    self._pending: list = []
+
+  def post(self, job: "Job", event) -> None:  # the engine's thread
+    with self._lock:
+      self._pending.append((job, event))
+      first = len(self._pending) == 1
+    if first:
+      self.loop.call_soon_threadsafe(self._deliver)
+
+  def _deliver(self) -> None:
+    with self._lock:
+      pending, self._pending = self._pending, []
+    for job, event in pending:
+      job.events.put_nowait(event)
+
+
+class Job:
+  """One choice: the engine's request and the events it sends back (to this event loop)."""
+
+  def __init__(self, mailbox: Mailbox):
+    self.mailbox = mailbox
     self.events: asyncio.Queue = asyncio.Queue()
     self.request = None
 
   def on_event(self, event) -> None:  # the engine's thread
-    self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    self.mailbox.post(self, event)
 
 
 class Text:

@@ -41,6 +41,7 @@ import numpy as np
 from flax import linen as nn
 
 from foundation import generate as generate_lib
+from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation.models import layers
 from foundation.models import transformer
@@ -133,8 +134,10 @@ class Engine:
     # overwrites); prompt and answer together are at most max_len tokens.
     self.cache_len = max(self.max_len, generate_lib.bucket(self.max_len - 1))
     self.prefill_per_step = prefill_per_step
-    self.params = {"": session.params}
-    self.params.update(adapters or {})
+    # The base params once; per adapter name only (its lora_a/lora_b leaves, lora.alpha).
+    self.base = session.params
+    self.adapters = {"": (None, 0.0)}
+    self.adapters.update(adapters or {})
     self.waiting: queue.Queue = queue.Queue(maxsize=queue_size)
     self.rows = [_Slot() for _ in range(self.slots)]
     self.draining = False
@@ -152,9 +155,9 @@ class Engine:
     # The slot axis (the first of every cache array) is split like a training batch.
     self.cache_sharding = jax.sharding.NamedSharding(session.mesh, jax.P(self.batch_axes))
     replicated = jax.sharding.NamedSharding(session.mesh, jax.P())
-    self._decode = jax.jit(self._decode_fn, donate_argnums=(1,),
+    self._decode = jax.jit(self._decode_fn, donate_argnums=(3,),
                            out_shardings=(replicated, self.cache_sharding))
-    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,),
+    self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,),
                             out_shardings=(replicated, self.cache_sharding))
 
   # ------------------------------------------------------------------ the jitted steps
@@ -244,12 +247,22 @@ class Engine:
     return logits[0, -1], {"k": keys, "v": values, "segment_ids": seg_row,
                            "index": index + jnp.int32(tokens.shape[1])}
 
-  def _prefill_fn(self, params, cache, slot, tokens, segments, temperature, top_k, top_p, seed):
+  @staticmethod
+  def _params(base, adapter, alpha):
+    """The params a request is decoded with: the base, or the base with an adapter merged in
+    (inside the jitted step: the merged kernels are transient, never a stored copy)."""
+    if adapter is None:
+      return base
+    return lora.merge(lora.attach(base, adapter), alpha)
+
+  def _prefill_fn(self, base, adapter, alpha, cache, slot, tokens, segments, temperature, top_k,
+                  top_p, seed):
     """Prefills one right-padded prompt [1, P] into row `slot`; returns (first token, cache).
 
     The prompt's n tokens take columns 0..n-1 (the padding after them has segment id 0: never
     attended to) and the row's next write is column n, so a row of max(context, largest bucket)
     columns holds any request."""
+    params = self._params(base, adapter, alpha)
     n = jnp.sum(segments, dtype=jnp.int32)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     logits, row = self._forward(params, self._row_cache(), tokens, positions, segments, n - 1)
@@ -259,13 +272,15 @@ class Engine:
                         jax.random.fold_in(jax.random.key(seed), 0)[None])
     return first[0], cache
 
-  def _decode_fn(self, params, cache, active, tokens, positions, temperature, top_k, top_p, seeds,
-                 counts):
+  def _decode_fn(self, base, adapter, alpha, cache, active, tokens, positions, temperature, top_k,
+                 top_p, seeds, counts):
     """One decode step: tokens, positions int32 [S] -> (next tokens [S], cache).
 
     Only the `active` rows [S] (bool) move on. An inactive row (a free slot, or one of another
     adapter) feeds its token with segment id 0, which nothing ever attends to, and keeps its
     write index: its column is overwritten by its next real token."""
+    params = self._params(base, adapter, alpha)
+
     def one(row, live, token, position):
       segment = live.astype(jnp.int32)[None, None]
       logits, new = self._forward(params, row, token[None, None], position[None, None], segment)
@@ -309,7 +324,14 @@ class Engine:
 
   def warm_up(self) -> None:
     """Compiles the decode step and the prefill of every prompt bucket before the first request
-    (the first request of each length would otherwise wait for a compile)."""
+    (the first request of each length would otherwise wait for a compile); for each adapter,
+    its decode step and the smallest bucket."""
+    for adapter in self.adapters:
+      if adapter:
+        done = threading.Event()
+        self.submit(Request([self.session.tokenizer.bos_id], max_tokens=2, adapter=adapter,
+                            on_event=lambda e, d=done: e[0] == "done" and d.set()))
+        done.wait()
     width = generate_lib.MIN_PROMPT_BUCKET // 2
     while width < self.max_len - 1:
       width = generate_lib.bucket(width + 1)
@@ -382,8 +404,9 @@ class Engine:
     tokens[0, :n], segments[0, :n] = request.prompt, 1
     request.started = time.monotonic()
     with self._context():
+      adapter, alpha = self.adapters[request.adapter]
       first, self._cache = self._prefill(
-          self.params[request.adapter], self._cache, jnp.int32(index), tokens, segments,
+          self.base, adapter, jnp.float32(alpha), self._cache, jnp.int32(index), tokens, segments,
           jnp.float32(request.temperature), jnp.int32(request.top_k), jnp.float32(request.top_p),
           jnp.uint32(request.seed))
     self.prompt_tokens += n
@@ -408,7 +431,9 @@ class Engine:
     for adapter, indices in by_adapter.items():
       arrays = self._step_arrays(indices)
       with self._context():
-        tokens, self._cache = self._decode(self.params[adapter], self._cache, *arrays)
+        params, alpha = self.adapters[adapter]
+        tokens, self._cache = self._decode(self.base, params, jnp.float32(alpha), self._cache,
+                                           *arrays)
       tokens = np.asarray(jax.device_get(tokens))
       for i in indices:
         slot = self.rows[i]

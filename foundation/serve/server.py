@@ -42,12 +42,12 @@ class _Uvicorn(uvicorn.Server):
     self.should_exit = True
 
 
-def load_adapters(session, adapters: dict[str, str]):
+def load_adapters(session, base_workdir: str, adapters: dict[str, str]):
   """{name: workdir} -> ({name: params for the engine}, {name: config}). See docs/serving.md."""
   if not adapters:
     return {}, {}
   from foundation.serve import adapters as adapters_lib  # pylint: disable=g-import-not-at-top
-  return adapters_lib.load_all(session, adapters)
+  return adapters_lib.load_all(session, base_workdir, adapters)
 
 
 def run(args, adapters: dict[str, str], keys) -> int:
@@ -57,7 +57,7 @@ def run(args, adapters: dict[str, str], keys) -> int:
   if session.is_classifier:
     raise ValueError(f"--workdir {args.workdir}: a classifier (model.num_classes="
                      f"{session.config.model.num_classes}) has labels, not text to serve")
-  adapter_params, adapter_configs = load_adapters(session, adapters)
+  adapter_params, adapter_configs = load_adapters(session, args.workdir, adapters)
   engine = engine_lib.Engine(session, slots=args.slots, queue_size=args.queue,
                              adapters=adapter_params)
   name = args.name or os.path.basename(os.path.normpath(args.workdir))
