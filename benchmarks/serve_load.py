@@ -166,7 +166,7 @@ def main():
   result = {
       "what": f"{args.clients} streaming clients, {args.max_tokens} greedy tokens each, "
               f"on loopback",
-      "workdir": os.path.relpath(os.path.abspath(args.workdir), ROOT),
+      "workdir": args.workdir,
       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average "
                  f"{os.getloadavg()[0]:.1f}",
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

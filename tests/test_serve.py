@@ -21,6 +21,7 @@ import ml_collections
 import openai
 import pytest
 
+from configs import finetune as finetune_configs
 from configs import lm
 from foundation import generate
 from foundation import train
@@ -30,6 +31,7 @@ from foundation.serve import keys as keys_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
+LORA_STEPS = 20
 CAP_TOKENS, CAP_N, CAP_BODY = 100, 3, 4096
 
 
@@ -50,6 +52,21 @@ def workdir(tmp_path_factory):
   config = set_fields(lm.get_config("size=test"), **{
       "steps": STEPS, "eval.every": 0, "checkpoint.every": STEPS, "log.every": STEPS,
       "log.generate_tokens": 0})
+  train.train(config, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def lora_workdir(workdir, tmp_path_factory):
+  """A LoRA SFT run of the base (configs/finetune.py:...,lora) on generated Python-function chats."""
+  folder = tmp_path_factory.mktemp("sft")
+  chats = folder / "chat.jsonl"
+  chats.write_text("".join(json.dumps(r) + "\n" for r in sft.python_function_records(64, seed=0)))
+  config = set_fields(finetune_configs.get_config(f"task=sft,base={workdir},lora"), **{
+      "steps": LORA_STEPS, "seq_len": 128, "sft.train_path": str(chats), "eval.every": 0,
+      "checkpoint.every": LORA_STEPS, "log.every": LORA_STEPS, "optim.warmup_steps": 2,
+      "optim.lr": 3e-2})
+  path = str(folder / "run")
   train.train(config, path)
   return path
 
@@ -105,17 +122,18 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(workdir, keys, loaded):
+def server(workdir, lora_workdir, keys, loaded):
   """One server for the module: 2 CPU devices (the slots split over them), 4 slots, small caps.
   The test process loads its own copy of the model meanwhile (`session`)."""
   env = {**os.environ, "PYTHONPATH": ROOT,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   process = subprocess.Popen(
       [sys.executable, "-m", "foundation.serve", "--workdir", workdir, "--port", "0",
-       "--api-keys", keys[0], "--slots", "4", "--max-tokens", str(CAP_TOKENS),
+       "--api-keys", keys[0], "--adapters", f"sft={lora_workdir}", "--slots", "4", "--max-tokens", str(CAP_TOKENS),
        "--max-n", str(CAP_N), "--max-body-bytes", str(CAP_BODY), "--drain-timeout", "60"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   loaded.append(generate.load(workdir))
+  loaded.append(generate.load(lora_workdir))  # the adapters merged in, as generate serves it
   lines = []
   url = None
   deadline = time.monotonic() + 240
@@ -145,13 +163,18 @@ def session(server, loaded):
   return loaded[0]
 
 
+@pytest.fixture(scope="module")
+def tuned(server, loaded):
+  return loaded[1]
+
+
 PROMPTS = ["def ", "import os\nimport sys\n", "class Point:\n    def __init__(self, x, y):\n",
            "# Copyright", "for i in range(10):\n    print(", "x = [", "return self.", "if __name__"]
 
 
 def test_completions_chat_and_streams_give_generates_greedy_tokens(server, keys, session):
   client = server.client(keys[1]["dev"])
-  assert [m.id for m in client.models.list().data] == ["base"]
+  assert [m.id for m in client.models.list().data] == ["base", "sft"]
   for prompt in (PROMPTS[0], PROMPTS[3]):
     expected = session.generate([prompt], max_new_tokens=24)[0]
     got = client.completions.create(model="base", prompt=prompt, max_tokens=24, temperature=0)
@@ -259,6 +282,36 @@ def test_an_imported_models_template_comes_from_its_tokenizer_config(tmp_path):
   assert ids[0] == tok.bos_id and tok.decode(ids) == "[user] hi\n[assistant] "
   # A fine-tune of it was trained with the SFT template, which wins.
   assert generate.ChatTemplate.of(ml_collections.ConfigDict({"task": "sft"}), tok).kind == "sft"
+
+
+def test_a_lora_fine_tune_is_served_beside_its_base(server, keys, session, tuned):
+  """--adapters sft=WORKDIR: chosen per request by `model`, in its SFT chat template; its answer
+  is what foundation.generate gives on the LoRA workdir (adapters merged), the base's stays the
+  base's, also when both run at once."""
+  client = server.client(keys[1]["dev"])
+  messages = [{"role": "user", "content": "a function that adds"}]
+  template = generate.ChatTemplate.of(tuned.config, tuned.tokenizer)
+  assert template.kind == "sft"
+  ids = template.prompt_ids(messages)
+  tuned_text = tuned.tokenizer.decode(tuned.generate_ids([ids], max_new_tokens=20)[0])
+  base_text = session.tokenizer.decode(session.generate_ids([ids], max_new_tokens=20)[0])
+  assert tuned_text != base_text  # the adapter changes the answer
+
+  def chat():
+    return client.chat.completions.create(model="sft", messages=messages, max_tokens=20,
+                                          temperature=0).choices[0].message.content
+
+  def complete(model):
+    return client.completions.create(model=model, prompt=ids, max_tokens=20,
+                                     temperature=0).choices[0].text
+
+  assert chat() == tuned_text
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    runs = [pool.submit(complete, "base"), pool.submit(chat), pool.submit(complete, "sft"),
+            pool.submit(complete, "base")]
+    assert [r.result() for r in runs] == [base_text, tuned_text, tuned_text, base_text]
+  result = run_module("foundation.serve", "--workdir", "unused", "--adapters", "x=/no/such/run")
+  assert result.returncode == 2 and "--adapters x=/no/such/run: no config.json" in result.stderr
 
 
 def one_line_error(status, body, expected_status, field):
@@ -402,7 +455,8 @@ def test_the_page_streams_an_answer_in_a_real_browser(server, keys):
     field.send_keys(key)
     field.send_keys(Keys.TAB)  # 'change': the page keeps the key and lists the models
     WebDriverWait(driver, 30).until(
-        lambda d: [o.text for o in d.find_elements(By.CSS_SELECTOR, "#model option")] == ["base"])
+        lambda d: [o.text for o in d.find_elements(By.CSS_SELECTOR, "#model option")] ==
+        ["base", "sft"])
     for name, value in (("temperature", "0"), ("max_tokens", "24")):
       element = driver.find_element(By.ID, name)
       element.clear()

@@ -56,6 +56,8 @@ def parse_adapters(text: str, parser) -> dict[str, str]:
       parser.error(f"--adapters {item!r}: give NAME=WORKDIR (comma-separated)")
     if name in out:
       parser.error(f"--adapters: the name {name!r} is given twice")
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      parser.error(f"--adapters {item}: no config.json in {workdir} (a LoRA run's workdir)")
     out[name] = workdir
   return out
 
