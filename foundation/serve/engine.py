@@ -7,14 +7,18 @@
   request.cancel()                          # a client that went away: its slot is freed at once
   engine.drain(timeout=30)                  # stop taking requests, finish the running ones
 
-One KV cache holds `slots` rows, each with its own write index (the model's cache dict for one row,
-vmapped over the slot axis, which is split over the mesh's data-parallel axes like a training
-batch). Each turn of the loop:
+One KV cache holds `slots` rows, each with its own write index; the slot axis is split over the
+mesh's data-parallel axes like a training batch (vmap's spmd_axis_name), the params keep their
+training shardings. The decoding forward is the model's own modules run layer by layer on a cache
+laid out for decoding (`Engine._row_cache`, `_attention`), one row vmapped over the slots. With
+LoRA adapters (foundation/serve/adapters.py) the base params are held once and an adapter's
+leaves are merged into them inside the jitted step. Each turn of the loop:
 
   1. admits waiting requests into free slots, at most `prefill_per_step` of them: each prompt is
      prefilled alone (right-padded to a power-of-two bucket, so few lengths compile) into a
      fresh row of the cache, and its first token is sampled from the prefill's logits;
-  2. runs ONE decode step for all slots at once (a free slot computes too, its result unread);
+  2. runs ONE decode step for all slots at once (a free slot computes too, its result unread;
+     with adapters, one step per adapter that has running rows);
   3. hands each running request its new token, and frees the slots whose request finished (a stop
      token, its max_tokens, the context full) or was cancelled.
 
@@ -29,7 +33,6 @@ gives the same text whatever runs beside it.
 """
 
 import dataclasses
-import functools
 import queue
 import threading
 import time
