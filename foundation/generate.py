@@ -402,40 +402,116 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
 
 # ------------------------------------------------------------------ chat
 
-class Chat:
-  """A conversation: a plain "User: ... / Assistant: ..." transcript is the prompt of each turn.
+class ChatTemplate:
+  """How a conversation becomes the prompt a model continues: the one format the model was
+  trained with, shared by `--interactive` and the server's /v1/chat/completions.
 
-  Base models have no chat format of their own; this one is what they most easily continue. The
-  oldest turns are dropped when the transcript would not leave `reply_tokens` of context.
+  kind 'sft': the workdir was fine-tuned with task=sft: foundation/data/sft.py's template
+    (<|system|>/<|user|>/<|assistant|> headers, the answer ends at eos).
+  kind 'hf': an imported model whose tokenizer_config.json has a `chat_template` (Jinja, rendered
+    in a sandbox as transformers does, with add_generation_prompt=True).
+  kind 'plain': a base model, which has no chat format of its own: a "User: ... / Assistant: ..."
+    transcript, the reply cut where the model starts the next "User:" line.
+
+  messages: [{'role': 'system' | 'user' | 'assistant', 'content': str}], ending with a user turn.
   """
   USER, ASSISTANT = "User:", "Assistant:"
 
+  def __init__(self, kind: str, tokenizer, jinja_source: str = ""):
+    self.kind, self.tokenizer, self.jinja_source = kind, tokenizer, jinja_source
+    self._jinja = None
+    if kind == "hf":
+      from jinja2.sandbox import ImmutableSandboxedEnvironment  # pylint: disable=g-import-not-at-top
+      env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+      env.globals["raise_exception"] = _raise_template_error
+      self._jinja = env.from_string(jinja_source)
+
+  @classmethod
+  def of(cls, config, tokenizer) -> "ChatTemplate":
+    if config.get("task") == "sft":
+      return cls("sft", tokenizer)
+    sidecar = getattr(tokenizer, "sidecar_bytes", None)
+    if sidecar:
+      source = json.loads(sidecar).get("chat_template")
+      if isinstance(source, list):  # several named templates: the default one
+        source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+      if isinstance(source, str) and source:
+        return cls("hf", tokenizer, source)
+    return cls("plain", tokenizer)
+
+  @property
+  def stop_texts(self) -> tuple[str, ...]:
+    """Texts that end the reply besides the EOS token."""
+    return (f"\n{self.USER}",) if self.kind == "plain" else ()
+
+  def prompt_ids(self, messages: Sequence[dict]) -> list[int]:
+    tok = self.tokenizer
+    if self.kind == "sft":
+      from foundation.data import sft  # pylint: disable=g-import-not-at-top
+      return sft.chat_prompt_ids(tok, list(messages))
+    if self.kind == "hf":
+      special = {}
+      for kind in ("bos", "eos"):
+        token_id = getattr(tok, f"{kind}_id")
+        special[f"{kind}_token"] = tok._tok.id_to_token(token_id) if hasattr(tok, "_tok") else ""
+      text = self._jinja.render(messages=list(messages), add_generation_prompt=True, **special)
+      return tok.encode(text)
+    return [tok.bos_id] + tok.encode(self.transcript(messages))
+
+  def transcript(self, messages: Sequence[dict]) -> str:
+    """The plain format's text (a system message is a first line of its own)."""
+    lines = []
+    for m in messages:
+      if m["role"] == "system":
+        lines.append(m["content"])
+      else:
+        lines.append(f"{self.USER if m['role'] == 'user' else self.ASSISTANT} {m['content']}")
+    return "\n".join(lines + [self.ASSISTANT])
+
+  def clean_reply(self, text: str) -> str:
+    """The reply as the conversation keeps it: cut at a stop text, stripped."""
+    for stop in self.stop_texts:
+      text = text.split(stop)[0]
+    return text.strip()
+
+
+def _raise_template_error(message):
+  raise ValueError(f"the chat template refused the messages: {message}")
+
+
+class Chat:
+  """A conversation with the model in its own chat format (`ChatTemplate`). The oldest turns are
+  dropped when the prompt would not leave `reply_tokens` of context."""
+  USER, ASSISTANT = ChatTemplate.USER, ChatTemplate.ASSISTANT
+
   def __init__(self, session: Session, reply_tokens: int = 128, system: str = "", **kwargs):
     self.session, self.reply_tokens, self.system = session, reply_tokens, system
+    self.template = ChatTemplate.of(session.config, session.tokenizer)
     self.kwargs = kwargs  # sampling, seed, ...
     self.history: list[tuple[str, str]] = []
     self.last_prompt: list[int] = []  # the token ids of the last turn's prompt
 
-  def transcript(self, message: str, turns: Sequence[tuple[str, str]]) -> str:
-    lines = [self.system] if self.system else []
+  def messages(self, message: str, turns: Sequence[tuple[str, str]]) -> list[dict]:
+    out = [{"role": "system", "content": self.system}] if self.system else []
     for user, assistant in turns:
-      lines += [f"{self.USER} {user}", f"{self.ASSISTANT} {assistant}"]
-    lines += [f"{self.USER} {message}", self.ASSISTANT]
-    return "\n".join(lines)
+      out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return out + [{"role": "user", "content": message}]
+
+  def transcript(self, message: str, turns: Sequence[tuple[str, str]]) -> str:
+    """The plain format's text of a turn (what a base model continues)."""
+    return self.template.transcript(self.messages(message, turns))
 
   def send(self, message: str) -> str:
     """The assistant's reply to `message`; both join the history."""
     session, room = self.session, self.session.max_len - self.reply_tokens
     turns = list(self.history)
-    ids = session.encode_prompt(self.transcript(message, turns))
+    ids = self.template.prompt_ids(self.messages(message, turns))
     while len(ids) > room and turns:
       turns.pop(0)
-      ids = session.encode_prompt(self.transcript(message, turns))
+      ids = self.template.prompt_ids(self.messages(message, turns))
     self.last_prompt = ids
     new = session.generate_ids([ids], max_new_tokens=self.reply_tokens, **self.kwargs)[0]
-    reply = session.tokenizer.decode(new)
-    # The model writes the next "User:" line itself when its turn is over: cut it there.
-    reply = reply.split(f"\n{self.USER}")[0].strip()
+    reply = self.template.clean_reply(session.tokenizer.decode(new))
     self.history.append((message, reply))
     return reply
 
@@ -459,7 +535,8 @@ def _define_flags():
 
 
 def _interactive(chat: Chat) -> None:
-  print("Chat: an empty line or Ctrl-D ends it; /reset forgets the history.")
+  print(f"Chat ({chat.template.kind} template): an empty line or Ctrl-D ends it; /reset forgets "
+        f"the history.")
   while True:
     try:
       message = input("you> ").strip()

@@ -1,0 +1,1 @@
+"""The HTTP server: python -m foundation.serve (docs/serving.md)."""
