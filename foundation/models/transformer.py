@@ -107,6 +107,7 @@ class ModelConfig:
   lora_dropout: float = 0.0       # dropout on the adapters' input, in training only
   lora_targets: str = "q,v"       # comma-separated projections (LORA_TARGETS, or attn, mlp, all)
   num_classes: int = 0            # > 0: a sequence classifier with this many classes, not an LM
+  causal: bool = True             # False: bidirectional attention (an encoder: a text tower)
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
