@@ -155,3 +155,187 @@ def image_text_input_(config, index: int, count: int, with_eval: bool):
   from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
   return (image_text_input.make_train_iterator(config, index, count),
           image_text_input.eval_batches(config, index, count) if with_eval else [])
+
+
+# ---------------------------------------------------------------- evaluators
+# config.evaluate.tasks / python -m foundation.evaluate --tasks: 'zeroshot' and 'retrieval'.
+# Each is built once from (config, runtime, argument) and yields (name, value) pairs.
+
+class Embedder:
+  """Unit embeddings of many images or texts with a two-tower run's params: rows in batches of
+  config.batch_size laid out like training batches (the last one padded), every host holding all
+  rows and placing its slice; float32 numpy [N, E] back on every host."""
+
+  def __init__(self, config, runtime):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from foundation import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
+    from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
+    from foundation.models import two_tower  # pylint: disable=g-import-not-at-top
+    self.np, self.mesh_lib, self.config, self.runtime = np, mesh_lib, config, runtime
+    if not isinstance(runtime.model, two_tower.TwoTower):
+      raise ValueError(f"evaluate.tasks zeroshot/retrieval need a two-tower run "
+                       f"(model.family='two_tower'), not model.family="
+                       f"{config.model.get('family', 'decoder')!r}")
+    self.sharding = step_lib.batch_shardings(config, runtime.mesh, step_lib.make_task(config))
+    model = runtime.model
+    self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+    self._text = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s, method="encode_text"))
+    self.tokenizer = image_text_input.make_tokenizer(config)
+    self.text_len = int(config.data.text_len)
+
+  def _run(self, fn, params, arrays: dict) -> "np.ndarray":
+    np, rows = self.np, len(next(iter(arrays.values())))
+    size, count = self.config.batch_size, jax.process_count()
+    host, first = size // count, jax.process_index() * (size // count)
+    out = []
+    with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
+      for start in range(0, rows, size):
+        part = {k: v[start:start + size] for k, v in arrays.items()}
+        pad = size - len(next(iter(part.values())))
+        part = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])[first:first + host]
+                for k, v in part.items()}
+        placed = self.mesh_lib.make_global_batch(part, {k: self.sharding[k] for k in part})
+        from foundation import generate as generate_lib  # pylint: disable=g-import-not-at-top
+        out.append(generate_lib.to_host(fn(params, *placed.values()))[:size - pad])
+    return np.concatenate(out).astype(np.float32)
+
+  def images(self, params, images) -> "np.ndarray":
+    return self._run(self._image, params, {"image": images.astype(self.np.float32)})
+
+  def texts(self, params, texts) -> "np.ndarray":
+    from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
+    ids, segments = image_text_input.tokenize(texts, self.tokenizer, self.text_len)
+    return self._run(self._text, params, {"text": ids, "text_segments": segments})
+
+
+def _eval_images(config, raw):
+  """float32 pixels of raw (uint8 or encoded) images through data.pp_eval."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from foundation.data import image_input  # pylint: disable=g-import-not-at-top
+  pp = image_input.Preprocess(config, config.data.pp_eval, "data.pp_eval")
+  zeros = np.zeros(len(raw), np.int64)
+  return np.concatenate([pp(raw[s:s + 256], zeros[s:s + 256], np.arange(s, min(s + 256, len(raw))))
+                         for s in range(0, len(raw), 256)])
+
+
+def zero_shot_accuracy(image_emb, class_emb, labels) -> float:
+  """Top-1 of classifying each image as its most similar class embedding."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return float(np.mean(np.argmax(image_emb @ class_emb.T, axis=1) == labels))
+
+
+def class_embeddings(embedder, params, prompts: list[list[str]]):
+  """[classes, E]: the normalised mean of each class's prompt embeddings (prompt ensembling)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  flat = [p for group in prompts for p in group]
+  emb = embedder.texts(params, flat)
+  out, k = [], 0
+  for group in prompts:
+    mean = emb[k:k + len(group)].mean(0)
+    out.append(mean / max(np.linalg.norm(mean), 1e-12))
+    k += len(group)
+  return np.stack(out)
+
+
+@registry.register("evaluator", "zeroshot")
+class ZeroShot:
+  """Zero-shot classification from class-name prompts. 'zeroshot' (scenes): the held-out
+  colour-shape combinations (data.num_heldout scenes never seen in training) classified among all
+  30 colour-shape names, each class the mean embedding of its captions (every count and
+  position); also the shape alone (5 classes) and the colour alone (6). 'zeroshot:FILE.jsonl':
+  records {"image": PATH, "label": NAME}, classes = the labels seen, prompts
+  data.zeroshot_template-free: the label's own text."""
+
+  def __init__(self, config, runtime, argument: str = ""):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from foundation.data import scenes  # pylint: disable=g-import-not-at-top
+    self.embedder = Embedder(config, runtime)
+    if argument:
+      self.name, images, self.labels, self.prompts = _labelled_file(config, argument)
+      self.images, self.extra = images, {}
+      return
+    if not config.data.source.startswith("scenes"):
+      raise ValueError(f"evaluate.tasks 'zeroshot' reads the held-out scenes (data.source="
+                       f"'scenes'); for data.source={config.data.source!r} give "
+                       f"'zeroshot:FILE.jsonl' ({{\"image\": PATH, \"label\": NAME}} lines)")
+    held = scenes.load("heldout", 0, int(config.data.num_heldout), int(config.data.image_size))
+    self.name, self.images = "zeroshot", _eval_images(config, np.asarray(held.images))
+    self.labels, self.prompts = held.combo(), scenes.combo_prompts()
+    colours = len(scenes.COLOUR_NAMES)
+    # shape alone: every colour's prompts of that shape; colour alone: every shape's
+    self.extra = {
+        "shape": (np.asarray(held.shape), [sum(self.prompts[s * colours:(s + 1) * colours], [])
+                                           for s in range(len(scenes.SHAPES))]),
+        "colour": (np.asarray(held.colour), [sum(self.prompts[c::colours], [])
+                                             for c in range(colours)])}
+
+  def run(self, params):
+    image_emb = self.embedder.images(params, self.images)
+    classes = class_embeddings(self.embedder, params, self.prompts)
+    yield f"{self.name}/accuracy", zero_shot_accuracy(image_emb, classes, self.labels)
+    yield f"{self.name}/chance", 1.0 / len(self.prompts)
+    for what, (labels, prompts) in self.extra.items():
+      yield (f"{self.name}/{what}_accuracy",
+             zero_shot_accuracy(image_emb, class_embeddings(self.embedder, params, prompts), labels))
+    yield f"{self.name}/examples", float(len(self.labels))
+
+
+def _labelled_file(config, path: str):
+  """(name, pixels, labels, prompts) of a JSONL of {"image": PATH, "label": NAME} lines."""
+  import os  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from foundation.data import examples  # pylint: disable=g-import-not-at-top
+  from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
+  from foundation.data import sources  # pylint: disable=g-import-not-at-top
+  records = examples.read_jsonl([path])
+  folder, paths, names = os.path.dirname(os.path.abspath(path)), [], []
+  for record in records:
+    value = record.value if isinstance(record.value, dict) else {}
+    if "image" not in value or "label" not in value:
+      raise ValueError(f"{record.where}: a zero-shot record needs 'image' and 'label'")
+    image = os.path.join(folder, str(value["image"]))
+    if not os.path.isfile(image):
+      raise ValueError(f"{record.where}: image {value['image']!r} does not exist (looked for "
+                       f"{image})")
+    paths.append(image)
+    names.append(str(value["label"]))
+  raw = np.empty(len(paths), dtype=object)
+  raw[:] = [sources.read_file(p) for p in paths]
+  image_text_input.check_decodes(raw, paths)
+  classes = sorted(set(names))
+  labels = np.array([classes.index(n) for n in names], np.int32)
+  name = "zeroshot/" + os.path.splitext(os.path.basename(path))[0]
+  return name, _eval_images(config, raw), labels, [[c] for c in classes]
+
+
+@registry.register("evaluator", "retrieval")
+class Retrieval:
+  """Image->text and text->image retrieval over the eval split's pairs (the first eval.steps *
+  batch_size): recall@1 and @5. A retrieved item is right when its text is the query's text
+  (a drawn set repeats captions: any image with the same caption is a right answer)."""
+
+  def __init__(self, config, runtime, argument: str = ""):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
+    del argument
+    self.embedder = Embedder(config, runtime)
+    data = image_text_input.read_split(config, "eval")
+    count = min(len(data.texts), config.eval.steps * config.batch_size)
+    self.texts = list(data.texts[:count])
+    self.images = _eval_images(config, data.raw[:count])
+    _, inverse = np.unique(np.array(self.texts), return_inverse=True)
+    self.text_id = inverse.reshape(-1)
+
+  def run(self, params):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    image_emb = self.embedder.images(params, self.images)
+    text_emb = self.embedder.texts(params, self.texts)
+    sims = image_emb @ text_emb.T
+    same = self.text_id[:, None] == self.text_id[None, :]
+    for direction, scores in (("image_to_text", sims), ("text_to_image", sims.T)):
+      order = np.argsort(-scores, axis=1, kind="stable")
+      hits = np.take_along_axis(same, order, axis=1)
+      for k in (1, 5):
+        yield f"retrieval/{direction}_recall@{k}", float(hits[:, :k].any(axis=1).mean())
+    yield "retrieval/examples", float(len(self.texts))
