@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = LOSSES[loss]
   fields = two_tower.model_config(size)
   if loss == "softmax":  # CLIP's initial temperature 0.07 and no bias
-    fields.update(temperature_init=1 / 0.07, bias_init=0.0)
+    fields.update(temperature_init=1 / 0.07, bias_init=0.0, max_scale=100.0)
   config.model = ml_collections.ConfigDict(fields)
   config.data = image_text_input.image_text_data_config()
   config.optim.weight_decay = 1e-4

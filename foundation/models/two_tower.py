@@ -126,7 +126,7 @@ class TwoTowerConfig:
   text_proj: bool = True
   temperature_init: float = 10.0   # exp(t) at init: SigLIP 10, CLIP 1/0.07
   bias_init: float = -10.0         # b at init: SigLIP -10 (CLIP: 0)
-  max_scale: float = 100.0         # exp(t) is clipped here (CLIP's 100)
+  max_scale: float = 0.0           # > 0: exp(t) is clipped here (CLIP: 100); SigLIP: none
 
   @classmethod
   def from_config(cls, config: Any) -> "TwoTowerConfig":
@@ -139,7 +139,7 @@ class TwoTowerConfig:
               embed_dim=int(config.embed_dim), image_proj=bool(config.image_proj),
               text_proj=bool(config.text_proj),
               temperature_init=float(config.temperature_init),
-              bias_init=float(config.bias_init), max_scale=float(config.get("max_scale", 100.0)))
+              bias_init=float(config.bias_init), max_scale=float(config.get("max_scale", 0.0)))
     for tower, width, projected in (("image", image.width, cfg.image_proj),
                                     ("text", cfg.text.width, cfg.text_proj)):
       if not projected and width != cfg.embed_dim:
@@ -234,7 +234,8 @@ class TwoTower(nn.Module):
     return _normalise(self.text_head(x) if self.cfg.text_proj else x)
 
   def scale_and_bias(self) -> tuple[Array, Array]:
-    return jnp.minimum(jnp.exp(self.t), self.cfg.max_scale), self.b
+    scale = jnp.exp(self.t)
+    return (jnp.minimum(scale, self.cfg.max_scale) if self.cfg.max_scale else scale), self.b
 
   def __call__(self, images: Array, tokens: Array, segments: Array):
     scale, bias = self.scale_and_bias()
@@ -254,7 +255,7 @@ def model_config(size: str, **overrides) -> dict:
               dtype="float32", param_dtype="float32", attention="xla", scan_layers=True,
               remat_policy="none")
   fields = dict(family="two_tower", embed_dim=embed, image_proj=True, text_proj=True,
-                temperature_init=10.0, bias_init=-10.0, max_scale=100.0, image=image, text=text)
+                temperature_init=10.0, bias_init=-10.0, max_scale=0.0, image=image, text=text)
   fields.update(overrides)
   return fields
 
