@@ -225,3 +225,13 @@ def test_a_caption_file_naming_a_missing_image_stops_the_trainer_in_one_line(tmp
   assert result.returncode == 1 and "Traceback" not in result.stderr
   assert last == (f"config error: {tmp_path}/pairs.jsonl:1: image 'nowhere.png' does not exist "
                   f"(looked for {tmp_path}/nowhere.png)")
+
+
+def test_the_text_towers_attention_is_bidirectional_and_the_decoders_stays_causal():
+  from foundation.models import layers  # pylint: disable=g-import-not-at-top
+  segments = np.array([[1, 1, 1, 0]])
+  encoder = np.asarray(layers.attention_mask(segments, causal=False))[0, 0]
+  decoder = np.asarray(layers.attention_mask(segments))[0, 0]
+  assert encoder[0, 2] and not decoder[0, 2]           # the first token sees the last real one
+  assert not encoder[0, 3] and not encoder[3, 3]       # never padding
+  np.testing.assert_array_equal(decoder[:3, :3], np.tril(np.ones((3, 3), bool)))
