@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.b2 = 0.95
   config.optim.min_lr_ratio = 0.05
   config.mesh.rules = tuple(config.mesh.rules) + vit.IMAGE_RULES + two_tower.TWO_TOWER_RULES
-  # The periodic evaluators (foundation/tasks/contrastive_eval.py): zero-shot on held-out
+  # The periodic evaluators (foundation/tasks/contrastive.py): zero-shot on held-out
   # colour-shape combinations, and retrieval over the eval split.
   config.evaluate = common.evaluate_config()
   config.evaluate.tasks = "zeroshot,retrieval"

@@ -244,8 +244,8 @@ class ZeroShot:
   colour-shape combinations (data.num_heldout scenes never seen in training) classified among all
   30 colour-shape names, each class the mean embedding of its captions (every count and
   position); also the shape alone (5 classes) and the colour alone (6). 'zeroshot:FILE.jsonl':
-  records {"image": PATH, "label": NAME}, classes = the labels seen, prompts
-  data.zeroshot_template-free: the label's own text."""
+  records {"image": PATH, "label": NAME}: the classes are the labels seen, each prompted by its
+  own name."""
 
   def __init__(self, config, runtime, argument: str = ""):
     import numpy as np  # pylint: disable=g-import-not-at-top
