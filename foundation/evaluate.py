@@ -492,6 +492,7 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
   """One evaluator per task of `eval_config` (default: config.evaluate, else its defaults).
   `workdir`: the run's, whose labels.json a classifier's evaluator checks its labels against."""
   from foundation import defaults as common  # pylint: disable=g-import-not-at-top
+  from foundation import registry  # pylint: disable=g-import-not-at-top
   if eval_config is None:
     eval_config = config.get("evaluate") or common.evaluate_config()
   runtime = Runtime(model, mesh, mesh_lib.rules(config), tokenizer)
@@ -519,10 +520,13 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
       suite, _, suite_path = path.partition(":")
       evaluators.append(BenchmarkSuite(suite, suite_path, runtime, limit=eval_config.limit,
                                        batch_size=eval_config.batch_size))
+    elif kind in registry.names("evaluator"):  # a family's own (two_tower: zeroshot, retrieval)
+      evaluators.append(registry.get("evaluator", kind)(config, runtime, path))
     else:
       raise ValueError(f"evaluate.tasks: {task!r} is not a task; use 'eval', 'perplexity', 'sft', "
-                       f"'classify', 'mc:FILE.jsonl', 'gen:FILE.jsonl' or 'suite:NAME:FILE' "
-                       f"(NAME one of {', '.join(suites_lib.SUITES)})")
+                       f"'classify', 'mc:FILE.jsonl', 'gen:FILE.jsonl', 'suite:NAME:FILE' "
+                       f"(NAME one of {', '.join(suites_lib.SUITES)}) or "
+                       f"{', '.join(map(repr, registry.names('evaluator')))}")
   return evaluators
 
 

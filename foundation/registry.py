@@ -26,6 +26,8 @@ BUILTIN_MODULES = (
     "foundation.models.vit",
     "foundation.tasks.text",
     "foundation.tasks.images",
+    "foundation.models.two_tower",
+    "foundation.tasks.contrastive",
 )
 
 _ENTRIES: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}

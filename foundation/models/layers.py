@@ -165,20 +165,23 @@ def rotary(x: Array, positions: Array, theta: float, inv_freq: Array | None = No
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array, window: int = 0) -> Array:
+def attention_mask(segment_ids: Array, window: int = 0, causal: bool = True) -> Array:
   """bool [B, 1, L, L]: query t sees key s iff s <= t, same segment, and the key is not padding.
+  `causal=False` (an encoder: the two-tower family's text tower) drops the s <= t condition.
 
   `segment_ids` int [B, L]: 0 is padding, equal ids are one document. Causality is by index in
   the row (positions restart per document, so they cannot order tokens of different documents).
   `window` > 0 (Mistral's sliding window) also requires t - s < window.
   """
   length = segment_ids.shape[1]
-  causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  visible = jnp.ones((length, length), dtype=jnp.bool_)
+  if causal:
+    visible = jnp.tril(visible)
   if window > 0:
-    causal = causal & ~jnp.tril(causal, -window)
+    visible = visible & ~jnp.tril(visible, -window)
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   real_key = (segment_ids != 0)[:, None, :]
-  return (causal[None] & same & real_key)[:, None]
+  return (visible[None] & same & real_key)[:, None]
 
 
 def cached_attention_mask(segment_ids: Array, kv_segment_ids: Array, index: Array,
@@ -286,8 +289,10 @@ class Attention(nn.Module):
       # K < N heads is grouped-query attention natively: no repeat of k/v in memory.
       # The mask already holds causality; is_causal also lets cuDNN skip the upper triangle, and
       # causal_attention skips the upper triangle's key blocks.
-      mask = attention_mask(segment_ids, cfg.sliding_window)
-      if cfg.attention == "cudnn":
+      mask = attention_mask(segment_ids, cfg.sliding_window, cfg.causal)
+      if not cfg.causal:  # an encoder (ModelConfig.causal=False): every key of the segment
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
+      elif cfg.attention == "cudnn":
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                            implementation="cudnn")
       else:

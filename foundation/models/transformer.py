@@ -80,6 +80,7 @@ class ModelConfig:
   sliding_window: int = 0         # attend only to the last N tokens (Mistral); 0 is unlimited
   # Fine-tuning (see the module docstring):
   num_classes: int = 0            # > 0: a sequence classifier with this many classes, not an LM
+  causal: bool = True             # False: bidirectional attention (an encoder: a text tower)
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
