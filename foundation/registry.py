@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "foundation.models.vit",
     "foundation.tasks.text",
     "foundation.tasks.images",
+    "foundation.tasks.audio",  # and foundation.models.audio, which it imports
 )
 
 _ENTRIES: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}
