@@ -129,9 +129,8 @@ def _clip(seconds=1.2, rate=8000, hz=440.0):
   return sounds.wav_bytes(np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate), rate)
 
 
-def test_a_folder_of_wav_files_trains_through_the_trainer(tmp_path):
-  """files:DIR with one folder per class; a file that does not decode stops the run with one
-  line naming it, before anything compiles."""
+def test_a_folder_of_wav_files_makes_batches(tmp_path):
+  """files:DIR with one folder per class of WAV files (the bad ones: the test below)."""
   good = _folder(tmp_path / "good", {"low": [_clip(hz=200 + 10 * i) for i in range(6)],
                                      "high": [_clip(hz=2000 + 10 * i) for i in range(6)]})
   config = make_config("supervised")
@@ -141,16 +140,11 @@ def test_a_folder_of_wav_files_trains_through_the_trainer(tmp_path):
     config.model.num_classes = 2
   batch = next(audio_input.make_train_iterator(config, 0, 1))
   assert batch["spectrogram"].shape == (16, 64, 32) and set(batch["label"]) == {0, 1}
-  bad = _folder(tmp_path / "bad", {"a": [_clip()] * 3, "b": [_clip(), b"RIFF....not audio"]})
-  result = _audio(tmp_path / "run", f"--config.data.source=files:{bad}",
-                  "--config.model.num_classes=2", config="configs/audio.py:size=test")
-  assert result.returncode == 1
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("config error: ") and f"{bad}/b/1.wav is not a PCM WAV file" in last
-  assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+  assert audio_input.class_names(config) == ("high", "low")
 
 
 @pytest.mark.parametrize("case, message", [
+    ("undecodable", "b/0.wav is not a PCM WAV file"),
     ("rate", "b/0.wav has sample rate 16000 Hz but data.sample_rate=8000 and "
              "data.resample=False"),
     ("short", "b/0.wav is 0.500 s long, shorter than data.clip_seconds=1.024"),
@@ -161,6 +155,8 @@ def test_a_folder_of_wav_files_trains_through_the_trainer(tmp_path):
 ])
 def test_bad_audio_input_is_a_one_line_error(tmp_path, case, message):
   clips = {"a": [_clip()], "b": [_clip()]}
+  if case == "undecodable":
+    clips["b"] = [b"RIFF....not audio"]
   if case == "rate":
     clips["b"] = [_clip(rate=16000)]
   if case == "short":
@@ -181,3 +177,4 @@ def test_bad_audio_input_is_a_one_line_error(tmp_path, case, message):
     audio_input.make_train_iterator(config, 0, 1)
   text = str(error.value)
   assert message in text and "\n" not in text, text
+  # the trainer prints such a ValueError as one 'config error: ...' line (tests/test_vit_train.py)
