@@ -66,12 +66,13 @@ def test_the_mae_and_the_classifier_share_the_encoder():
 
 
 def test_the_mae_hides_the_patches_of_highest_noise():
-  cfg = make_cfg()
+  cfg = make_cfg(norm_target=True)
   x = spectrograms(2)
   noise = jnp.asarray(np.random.default_rng(1).random((2, 32)), jnp.float32)
   model = audio.AudioMAE(cfg)
   params = jax.jit(model.init)(jax.random.key(0), x, noise)
   predicted, target, hidden = jax.jit(model.apply)(params, x, noise)
+  _, raw, _ = audio.AudioMAE(make_cfg(norm_target=False)).apply(params, x, noise)
   visible = audio.num_visible(cfg, 32)
   assert visible == 6 and predicted.shape == target.shape == (2, 32, 64)
   ranks = np.argsort(np.argsort(np.asarray(noise), axis=1), axis=1)
@@ -80,6 +81,7 @@ def test_the_mae_hides_the_patches_of_highest_noise():
   want = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(patches.var(-1, keepdims=True)
                                                               + 1e-6)
   np.testing.assert_allclose(np.asarray(target), want, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(raw), patches)  # norm_target=False: the values
 
 
 def test_patches_are_time_major():

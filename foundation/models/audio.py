@@ -75,7 +75,7 @@ class AudioConfig:
   decoder_heads: int = 16
   decoder_mlp_dim: int = 2048
   mask_ratio: float = 0.8          # the MAE's share of hidden patches
-  norm_target: bool = True         # MAE: each target patch normalised to mean 0, variance 1
+  norm_target: bool = False        # MAE: each target patch normalised to mean 0, variance 1
   dropout: float = 0.0
   norm_eps: float = 1e-6
   dtype: str = "float32"
@@ -140,7 +140,10 @@ def model_config(size: str, **overrides) -> dict:
   fields = dict(family="audio", width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
                 frontend="patch", patch_time=patch, patch_freq=patch, num_classes=0, pool="mean",
                 freeze_encoder=False, decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
-                decoder_mlp_dim=dm, mask_ratio=0.8, norm_target=True, dropout=0.0, norm_eps=1e-6,
+                # norm_target False: on the embedded sounds, 600 MAE steps of tiny then gave a
+                # linear probe of 0.83+ at 100 steps where normalised targets gave 0.72
+                # (docs/audio.md); set it True for Audio-MAE's normalised-patch loss.
+                decoder_mlp_dim=dm, mask_ratio=0.8, norm_target=False, dropout=0.0, norm_eps=1e-6,
                 dtype="float32", param_dtype="float32", attention="xla", scan_layers=True,
                 remat_policy="none")
   fields.update(overrides)
