@@ -73,9 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The masking is the augmentation: no SpecAugment on what the model reconstructs.
     config.data.pp_train = "decode|resample|random_crop|log_mel|standardize"
   if preset == "probe":
-    # Only the head learns (model.freeze_encoder; weight decay 0, so the encoder's bits stay), on
-    # an encoder loaded with --config.init_from=WORKDIR of an 'mae' or 'supervised' run.
-    config.model.freeze_encoder = True
+    # Only the head learns (the core's trainable mask: the encoder gets no update and no Adam
+    # moments), on an encoder loaded with --config.init_from=WORKDIR of an 'mae' or 'supervised'
+    # run.
+    config.trainable = "^head/"
     config.optim.weight_decay = 0.0
     config.init_from_skip = "head/.*,decoder/.*"
     config.data.pp_train = "decode|resample|random_crop|log_mel|standardize"

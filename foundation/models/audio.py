@@ -11,9 +11,8 @@ bidirectional attention, GELU MLP, over `layers.Dense`):
            position embeddings: frames / 2 tokens.
 
 `AudioTransformer` pools the encoder's tokens ('mean' or 'cls') into a zero-initialised
-`layers.ClassifierHead`; `model.freeze_encoder=True` stops the gradient at the pooled features,
-so only the head learns (a linear probe: with weight decay 0, Adam leaves the encoder's bits
-unchanged). `AudioMAE` is masked-spectrogram-patch modelling (Huang et al. 2022, Audio-MAE):
+`layers.ClassifierHead` (a linear probe trains only it: `config.trainable='^head/'`, the core's
+trainable mask). `AudioMAE` is masked-spectrogram-patch modelling (Huang et al. 2022, Audio-MAE):
 the encoder sees the patches whose noise is lowest (1 - mask_ratio of them), a small decoder
 sees the encoded ones and a learned mask token at every hidden position, and predicts each
 patch's (normalised) values. Both keep the encoder under the name 'encoder', so an MAE run's
@@ -69,7 +68,6 @@ class AudioConfig:
   patch_freq: int = 16             # mel bins per patch ('patch')
   num_classes: int = 0             # 0: return the pooled features [B, width]
   pool: str = "mean"               # 'mean' or 'cls'
-  freeze_encoder: bool = False     # no gradient into the encoder (a linear probe)
   decoder_width: int = 512         # the MAE decoder
   decoder_depth: int = 8
   decoder_heads: int = 16
@@ -139,7 +137,7 @@ def model_config(size: str, **overrides) -> dict:
   (width, depth, heads, mlp), (dw, dd, dh, dm), patch = SIZES[size]
   fields = dict(family="audio", width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
                 frontend="patch", patch_time=patch, patch_freq=patch, num_classes=0, pool="mean",
-                freeze_encoder=False, decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
+                decoder_width=dw, decoder_depth=dd, decoder_heads=dh,
                 # norm_target False: on the embedded sounds, 600 MAE steps of tiny then gave a
                 # linear probe of 0.83+ at 100 steps where normalised targets gave 0.72
                 # (docs/audio.md); set it True for Audio-MAE's normalised-patch loss.
@@ -262,8 +260,6 @@ class AudioTransformer(nn.Module):
     cfg = self.cfg
     tokens = Encoder(cfg, name="encoder")(spectrogram, train=train)
     pooled = tokens[:, 0] if cfg.pool == "cls" else tokens.mean(axis=1)
-    if cfg.freeze_encoder:  # a linear probe: the encoder gets no gradient
-      pooled = jax.lax.stop_gradient(pooled)
     pooled = nn.with_logical_constraint(pooled, ("batch", "act_embed"))
     if not cfg.num_classes:
       return pooled
