@@ -24,6 +24,9 @@ SMALL = {
     "finetuning": ('BASE_SIZE, SFT_STEPS, BATCH_SIZE, SEQ_LEN, RECORDS = "test", 8, 16, 128, 200'
                    '\nBASE = "../quickstart/runs/quickstart"'),
     "vision": 'SIZE, STEPS, EVAL_EVERY, BATCH_SIZE = "test", 40, 20, 32',  # ViTs start slowly
+    # Held-out figures at step 0 and the last step only; few clips and scenes synthesised.
+    "audio": 'SIZE, STEPS, EVAL_EVERY, NUM_TRAIN = "test", 20, 20, 320',
+    "image_text": 'SIZE, STEPS, EVAL_EVERY, NUM_TRAIN = "test", 20, 20, 256',
 }
 # Runs each (name, script) in its own folder and namespace; stdout and any traceback to files.
 RUNNER = """
@@ -159,3 +162,28 @@ def test_vision_notebook(runs):
   assert_png(folder / "runs" / "vision" / "shapes.png")
   assert_png(folder / "runs" / "vision" / "curves.png")
   assert re.search(r"step 40: \d+% of these 20 right", stdout)
+
+
+def test_audio_notebook(runs):
+  folder, stdout = ran(runs, "audio")
+  (_, first_step, _, last_step), = losses_fell(stdout)
+  assert (first_step, last_step) == ("0", "20")
+  assert_png(folder / "runs" / "audio" / "spectrograms.png")  # one clip of each of the 12 kinds
+  assert_png(folder / "runs" / "audio" / "curves.png")
+  assert "log-mel: 94 frames x 32 mel bins per 1.5 s clip at 8000 Hz" in stdout
+  assert re.search(r"held-out accuracy: [\d.]+% at step 0 -> [\d.]+% at step 20 \(chance 8.3%\)",
+                   stdout)
+
+
+def test_image_text_notebook(runs):
+  folder, stdout = ran(runs, "image_text")
+  losses_fell(stdout)
+  assert_png(folder / "runs" / "image_text" / "scenes.png")  # the scenes with their captions
+  assert_png(folder / "runs" / "image_text" / "curves.png")
+  assert "never in training: blue plus, cyan circle, green diamond, magenta square, " in stdout
+  # the evaluators' figures (config.evaluate.tasks), at the random init and the last step
+  assert "zero-shot on 200 held-out scenes, retrieval over 64 eval pairs" in stdout
+  for name in ("zeroshot/accuracy", "zeroshot/shape_accuracy", "zeroshot/colour_accuracy",
+               "retrieval/image_to_text_recall@1", "retrieval/image_to_text_recall@5",
+               "retrieval/text_to_image_recall@1", "retrieval/text_to_image_recall@5"):
+    assert re.search(rf"\n{name} +[01]\.\d{{3}} +[01]\.\d{{3}}", stdout), name
