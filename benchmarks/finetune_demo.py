@@ -61,9 +61,10 @@ def main():
     for record in sft.python_function_records(args.records, seed=0):
       f.write(json.dumps(record) + "\n")
   runs = {"full SFT from the checkpoint": ("task=sft,base=tiny", args.pretrained, []),
-          "LoRA (q, v) SFT from the checkpoint": ("task=sft,base=tiny,lora", args.pretrained, []),
+          "LoRA (q, v) SFT from the checkpoint": (
+              "task=sft,base=tiny,lora", args.pretrained, ["--config.lora.targets=attn/(q|v)$"]),
           "LoRA (all projections) SFT from the checkpoint": (
-              "task=sft,base=tiny,lora", args.pretrained, ["--config.model.lora_targets=all"]),
+              "task=sft,base=tiny,lora", args.pretrained, []),
           "full SFT from scratch": ("task=sft,base=tiny", "", [])}
   results = {}
   for name, (config_arg, init_from, extra) in runs.items():

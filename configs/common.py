@@ -13,7 +13,7 @@ import ml_collections
 # an imported model's are completed without the library importing configs/. Re-exported here for
 # the config files.
 from foundation.defaults import (checkpoint_config, data_config, eval_config,  # noqa: F401
-                                 evaluate_config, guard_config, log_config, mesh_config,
+                                 evaluate_config, guard_config, log_config, lora_config, mesh_config,
                                  optim_config, run_config)
 
 

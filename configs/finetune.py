@@ -80,8 +80,7 @@ def base_config(base: str, quick: bool) -> tuple[ml_collections.ConfigDict, str]
   with config.unlocked():
     # The base model's fields. Its own adapters or head (a fine-tuned base) are not carried over:
     # this run chooses its own.
-    config.model.update({k: v for k, v in saved.model.items()
-                         if not k.startswith("lora_") and k != "num_classes"})
+    config.model.update({k: v for k, v in saved.model.items() if k != "num_classes"})
     config.seq_len = min(saved.seq_len, config.model.max_seq_len)
     config.data.tokenizer = saved.data.tokenizer
   return config, base
@@ -111,12 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # classifier step takes its batch whole, and its logits are over the classes.
       config.grad_accum, config.model.logits_chunk = 1, 0
     if args["lora"]:
-      config.model.lora_rank = 8
-      config.model.lora_alpha = 16.0
-      config.model.lora_dropout = 0.05
+      config.lora.rank = 8
+      config.lora.alpha = 16.0
       # Every projection, not the LoRA paper's q,v: on the demo (benchmarks/finetune_demo.py)
       # q,v adapters reach SFT eval loss 0.78, all projections 0.35, full fine-tuning 0.28;
       # QLoRA (Dettmers et al., 2023) reports adapters on all linear layers are needed to match
       # full fine-tuning.
-      config.model.lora_targets = "all"
+      config.lora.targets = r"(attn|mlp)/\w+$"
   return config.lock()

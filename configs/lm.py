@@ -108,12 +108,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       rope_high_freq_factor=4.0,   # llama3: wavelengths below original_max_len / this are kept
       rope_original_max_len=8192,  # llama3: the context length of the model's first training
       sliding_window=0,        # attend to the last N tokens only (Mistral); 0: the whole context
-      # Fine-tuning (configs/finetune.py sets these; foundation/finetune.py trains them).
-      lora_rank=0,             # LoRA adapter rank on `lora_targets`; 0: no adapters
-      lora_alpha=16.0,         # adapter output scale is lora_alpha / lora_rank
-      lora_dropout=0.0,        # dropout on the adapters' input (training only)
-      # Projections to adapt: q, k, v, o, wi_gate, wi_up, wo, or the groups attn, mlp, all.
-      lora_targets="q,v",      # the LoRA paper's choice
+      # Fine-tuning (configs/finetune.py sets it; LoRA is the run's `lora` group).
       num_classes=0,           # > 0: a sequence classifier head instead of the vocabulary output
   ))
 
@@ -148,6 +143,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init_from = ""
   config.init_from_partial = False  # load the params whose names and shapes match; init the rest
   config.init_from_skip = ""       # comma-separated regexes of params to init afresh ('head/.*')
+  config.lora = common.lora_config()  # LoRA adapters (configs/finetune.py:lora); rank 0: none
+  config.trainable = ""            # regexes of the params that train ('head/': a linear probe); '' all
   config.guard = common.guard_config()
   config.checkpoint = common.checkpoint_config()
   config.eval = common.eval_config()

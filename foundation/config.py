@@ -6,6 +6,8 @@ are caught earlier still, by the locked ConfigDict (`--config.a.b=value` parsing
 
 import math
 
+from foundation import finetune
+from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation import registry
 
@@ -82,6 +84,11 @@ def check_values(config) -> None:
   if "guard" in config:
     check_start_and_guard(config)
   init_from_skip(config)
+  try:
+    lora.check(config)
+    finetune.trainable_patterns(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_start_and_guard(config) -> None:

@@ -114,6 +114,17 @@ def evaluate_config() -> ml_collections.ConfigDict:
   ))
 
 
+def lora_config() -> ml_collections.ConfigDict:
+  """LoRA adapters, a transform of any family's params (foundation/lora.py)."""
+  return ml_collections.ConfigDict(dict(
+      rank=0,                  # adapter rank; 0: no adapters
+      alpha=16.0,              # the update W + alpha / rank * A @ B
+      # A regex searched in each kernel's module path ('layers/attn/q'): the LoRA paper's q and v;
+      # '(attn|mlp)/\\w+$' adapts every projection of a block.
+      targets="attn/(q|v)$",
+  ))
+
+
 def guard_config() -> ml_collections.ConfigDict:
   """What the train step does with bad numbers (docs/reliability.md)."""
   return ml_collections.ConfigDict(dict(
@@ -156,6 +167,8 @@ def run_config(steps: int, batch_size: int, lr: float) -> ml_collections.ConfigD
   config.init_from = ""            # a workdir or checkpoints/<step>: start from its params
   config.init_from_partial = False  # load the params whose names and shapes match; init the rest
   config.init_from_skip = ""       # comma-separated regexes of params to init afresh ('head/.*')
+  config.lora = lora_config()      # LoRA adapters (rank 0: none)
+  config.trainable = ""            # regexes of the params that train ('head/': a linear probe); '' all
   config.guard = guard_config()
   config.checkpoint = checkpoint_config()
   config.eval = eval_config()
@@ -170,7 +183,20 @@ def completion() -> dict:
   adds later take their dataclass defaults when the model is built."""
   return {"task": "lm", "grad_accum": 1, "resume": "auto", "init_from": "",
           "init_from_partial": False, "model": {"family": "decoder"},
+          "lora": lora_config().to_dict(), "trainable": "",
           "mesh": mesh_config().to_dict(), "optim": optim_config().to_dict(),
           "data": data_config().to_dict(), "checkpoint": checkpoint_config().to_dict(),
           "eval": eval_config().to_dict(), "evaluate": evaluate_config().to_dict(),
           "guard": guard_config().to_dict(), "log": log_config().to_dict()}
+
+
+def migrate(saved: dict) -> dict:
+  """A config.json of an older layout in today's: LoRA was model.lora_* fields of the decoder
+  (model.lora_dropout has no successor: a weight transform has no adapter input to drop)."""
+  model = saved.get("model", {})
+  if "lora_rank" in model:
+    from foundation import lora  # pylint: disable=g-import-not-at-top
+    saved["lora"] = {"rank": model.pop("lora_rank"), "alpha": model.pop("lora_alpha", 16.0),
+                     "targets": lora.targets_from_names(model.pop("lora_targets", "q,v"))}
+    model.pop("lora_dropout", None)
+  return saved

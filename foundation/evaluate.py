@@ -203,7 +203,9 @@ def own_task(config) -> str:
 
 class EvalSplit:
   """A task on eval batches with the trainer's eval step and sums: the figures of the trainer's
-  eval/* (the task's `eval_metrics`), and how many tokens or examples they cover."""
+  eval/* (the task's `eval_metrics`), and how many tokens or examples they cover. Named '' and
+  counting nothing (`count_name` ''), its keys are the task's own ('loss', 'perplexity'): the
+  trainer's held-out evaluator (`trainer_schedule`)."""
 
   def __init__(self, name: str, config, runtime: "Runtime", batches, count_name: str):
     from foundation import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -215,9 +217,11 @@ class EvalSplit:
   def run(self, params) -> Iterator[tuple[str, float]]:
     with jax.set_mesh(self.runtime.mesh), nn.logical_axis_rules(self.runtime.axis_rules):
       sums = eval_sums(self.step, params, self.batches, self.sharding)
+    prefix = f"{self.name}/" if self.name else ""
     for key, value in self.task.eval_metrics(sums).items():
-      yield f"{self.name}/{key}", value
-    yield f"{self.name}/{self.count_name}", sums.get("count", 0.0)
+      yield f"{prefix}{key}", value
+    if self.count_name:
+      yield f"{prefix}{self.count_name}", sums.get("count", 0.0)
 
 
 class OwnSplit(EvalSplit):
@@ -464,8 +468,34 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
 
 
 def run(evaluators, params) -> dict[str, float]:
-  """{name: value} of every evaluator on `params`."""
+  """{name: value} of every evaluator on the model's `params` (a LoRA run's merged:
+  lora.model_params)."""
   return {name: value for evaluator in evaluators for name, value in evaluator.run(params)}
+
+
+@dataclasses.dataclass
+class Every:
+  """Evaluators the trainer runs every `every` steps (so at step 0 too: the baseline) and at the
+  last step, their figures written under `prefix` ('eval/loss', 'tasks/mc/quiz/accuracy')."""
+  prefix: str
+  every: int
+  evaluators: list
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return bool(self.evaluators) and self.every > 0 and (step % self.every == 0 or is_last)
+
+
+def trainer_schedule(config, model, mesh, tokenizer, eval_batches) -> list[Every]:
+  """The trainer's evaluations, one system: its held-out figures on the input's eval batches
+  (eval.*: the task's loss and metrics, under 'eval/') and the task evaluators of
+  config.evaluate (under 'tasks/')."""
+  runtime = Runtime(model, mesh, mesh_lib.rules(config), tokenizer)
+  held_out = [EvalSplit("", config, runtime, eval_batches, "")] if eval_batches else []
+  schedule = [Every("eval", config.eval.every, held_out)]
+  if config.get("evaluate") and config.evaluate.every > 0:
+    schedule.append(Every("tasks", config.evaluate.every,
+                          make_evaluators(config, model, mesh, tokenizer)))
+  return schedule
 
 
 # ------------------------------------------------------------------ command line

@@ -1,23 +1,25 @@
-"""Fine-tuning pieces the trainer composes: which params train, an optimizer that leaves the rest
-untouched, LoRA merging, a pre-trained LM's params laid into a fine-tuning model, the
-classification loss, and the adapter/optimizer-memory report.
+"""Fine-tuning pieces the trainer composes, for any family: which params train, an optimizer that
+leaves the rest untouched, a pre-trained model's params laid into a fine-tuning model, the
+classification loss, and the adapter/optimizer-memory report. LoRA itself is a parameter
+transform (foundation/lora.py).
 
   mask = finetune.trainable_mask(params, config)         # bools, the params' tree
   optimizer = finetune.freeze_untrained(optim.make_optimizer(config), config)
   params, report = finetune.overlay_pretrained(init_params, pretrained_params, config)
   sums = finetune.classify_loss_sums(model, params, batch)   # config.model.num_classes > 0
   finetune.store_labels(config, train_iter, workdir, write, say)  # WORKDIR/labels.json
-  merged = finetune.merge_lora(params, model.cfg)         # loads into model.lora_rank=0
 
-What trains: with LoRA (model.lora_rank > 0) only the adapters (lora_a, lora_b) and a
-classifier's new head; otherwise every param (full fine-tuning). Frozen params get no update at
-all -- not even weight decay -- and no Adam moments: `freeze_untrained` runs the optimizer on
-the trainable subtree alone, so its state holds moments for the trainable leaves only.
+What trains (`is_trainable`): with `trainable` set (comma-separated regexes searched in each
+param's path, 'head/' for a linear probe), only the params it matches; with LoRA (lora.rank > 0)
+the adapters, plus a classifier's head when `trainable` is empty; otherwise every param (full
+fine-tuning). Frozen params get no update at all -- not even weight decay -- and no Adam moments:
+`freeze_untrained` runs the optimizer on the trainable subtree alone, so its state holds moments
+for the trainable leaves only.
 """
 
-import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from foundation.models import transformer
+from foundation import lora
 
-LORA_LEAVES = ("lora_a", "lora_b")
-HEAD = "classifier"
+# A new classifier's head, by family: the decoder's 'classifier', the encoders' 'head'.
+HEADS = ("classifier", "head")
 # Moments Adam keeps per trainable param (mu and nu), each in the param's dtype.
 ADAM_MOMENTS = 2
 
@@ -38,41 +40,60 @@ def _names(path) -> list[str]:
   return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def _model_cfg(config) -> transformer.ModelConfig:
-  """A ModelConfig from a ModelConfig, a run config (its .model) or a config.model group."""
-  if isinstance(config, transformer.ModelConfig):
-    return config
-  model = config.model if "model" in config else config
-  return transformer.ModelConfig.from_config(model)
+def trainable_patterns(config) -> list:
+  """The compiled regexes of `trainable` (empty: no restriction). Raises ValueError naming the
+  field for a bad pattern."""
+  patterns = []
+  for part in str(config.get("trainable", "")).split(","):
+    if part.strip():
+      try:
+        patterns.append(re.compile(part.strip()))
+      except re.error as e:
+        raise ValueError(f"trainable={config.trainable!r}: {part.strip()!r} is not a regular "
+                         f"expression ({e})") from None
+  return patterns
 
 
-def is_lora(path) -> bool:
-  return any(name in LORA_LEAVES for name in _names(path))
+def has_frozen_params(config) -> bool:
+  """Whether some params do not train (LoRA's frozen base, or `trainable` naming a subset)."""
+  return lora.enabled(config) or bool(trainable_patterns(config))
 
 
-def is_trainable(path, cfg: transformer.ModelConfig) -> bool:
-  """Whether the param at `path` (a tree path) trains under `cfg`."""
-  if not cfg.lora_rank:
-    return True
-  names = _names(path)
-  return is_lora(path) or HEAD in names
+def _rule(config):
+  """path -> whether that param trains under `config` (see the module docstring)."""
+  patterns, adapted = trainable_patterns(config), lora.enabled(config)
+
+  def trains(path) -> bool:
+    names = _names(path) if not isinstance(path, str) else path.split("/")
+    if adapted and lora.is_adapter(names):
+      return True
+    if patterns:
+      key = "/".join(names)
+      return any(p.search(key) for p in patterns)
+    return not adapted or any(n in HEADS for n in names)
+  return trains
+
+
+def is_trainable(path, config) -> bool:
+  """Whether the param at `path` (a tree path or 'a/b/c') trains under the run config."""
+  return _rule(config)(path)
 
 
 def trainable_mask(params: Any, config) -> Any:
   """A tree like `params` (arrays, shapes or nn.Partitioned boxes) of bools: True where the param
-  trains. `config`: the run config, its model group, or a ModelConfig."""
-  cfg = _model_cfg(config)
-  return jax.tree_util.tree_map_with_path(lambda path, _: is_trainable(path, cfg), params)
+  trains under the run config."""
+  trains = _rule(config)
+  return jax.tree_util.tree_map_with_path(lambda path, _: trains(path), params)
 
 
 def partition(tree: dict, config) -> tuple[dict, dict]:
   """(trainable, frozen): the nested dicts of `tree` (params, grads, or boxed params) split by
   `is_trainable`; each keeps only its own leaves (empty dicts dropped). `combine` undoes it."""
-  cfg = _model_cfg(config)
+  trains = _rule(config)
 
   def split(node, path):
     if not isinstance(node, Mapping):
-      return (node, None) if is_trainable(path, cfg) else (None, node)
+      return (node, None) if trains(path) else (None, node)
     parts = {k: split(v, (*path, k)) for k, v in node.items()}
     return tuple({k: p[i] for k, p in parts.items() if not _is_empty(p[i])} for i in (0, 1))
   return split(tree, ())
@@ -100,16 +121,15 @@ def freeze_untrained(optimizer: optax.GradientTransformation,
   shardings come from the params' logical names like any other. With nothing frozen (full
   fine-tuning) the optimizer is returned as is: the pre-training state layout.
   """
-  cfg = _model_cfg(config)
-  if not cfg.lora_rank:
+  if not has_frozen_params(config):
     return optimizer
 
   def init(params):
-    return optimizer.init(partition(params, cfg)[0])
+    return optimizer.init(partition(params, config)[0])
 
   def update(updates, state, params=None):
-    trainable, frozen = partition(updates, cfg)
-    inner_params = None if params is None else partition(params, cfg)[0]
+    trainable, frozen = partition(updates, config)
+    inner_params = None if params is None else partition(params, config)[0]
     trainable, state = optimizer.update(trainable, state, inner_params)
     return combine(trainable, jax.tree.map(jnp.zeros_like, frozen)), state
 
@@ -121,50 +141,12 @@ def masked_grads(grads: Any, mask: Any) -> Any:
   return jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
 
 
-# ---------------------------------------------------------------- LoRA merging
-
-def _merge_dense(node: dict, scale: float) -> dict:
-  """{'kernel', 'lora_a', 'lora_b', ...} -> {'kernel': W + scale * A @ B, ...}.
-
-  kernel [*lead, *in, *out], lora_a [*lead, *in, r], lora_b [*lead, r, *out]; `lead` is the
-  scanned layer axis (or nothing). The product is taken in float32.
-  """
-  kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
-  lead = a.ndim + b.ndim - 2 - kernel.ndim
-  n_in = a.ndim - 1 - lead
-  a2 = a.reshape(*a.shape[:lead], math.prod(a.shape[lead:lead + n_in]), a.shape[-1])
-  b2 = b.reshape(*b.shape[:lead + 1], -1)
-  delta = jnp.matmul(a2.astype(jnp.float32), b2.astype(jnp.float32)).reshape(kernel.shape)
-  merged = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
-  return {**{k: v for k, v in node.items() if k not in LORA_LEAVES}, "kernel": merged}
-
-
-def merge_lora(params: dict, cfg: transformer.ModelConfig) -> dict:
-  """The params with every adapter folded into its kernel (W + lora_alpha / r * A @ B) and the
-  lora leaves removed: the tree of the same model with lora_rank=0 (`merged_config(cfg)`)."""
-  if not cfg.lora_rank:
-    return params
-  scale = cfg.lora_alpha / cfg.lora_rank
-
-  def walk(node):
-    if not isinstance(node, dict):
-      return node
-    if "lora_a" in node:
-      return _merge_dense(node, scale)
-    return {k: walk(v) for k, v in node.items()}
-  return walk(dict(params))
-
-
-def merged_config(cfg: transformer.ModelConfig) -> transformer.ModelConfig:
-  """The config of the merged model: the same, without adapters."""
-  return dataclasses.replace(cfg, lora_rank=0)
-
-
 # ---------------------------------------------------------------- pre-trained params
 
-def _is_new(path, cfg: transformer.ModelConfig) -> bool:
-  """Params a fine-tuning model has that a pre-trained LM does not: adapters, the head."""
-  return is_lora(path) or HEAD in _names(path)
+def _is_new(path) -> bool:
+  """Params a fine-tuning model has that a pre-trained model does not: adapters, a new head."""
+  names = _names(path)
+  return lora.is_adapter(names) or any(n in HEADS for n in names)
 
 
 def expected_difference(key: str, config) -> bool:
@@ -172,7 +154,7 @@ def expected_difference(key: str, config) -> bool:
   model, or the reverse, when fine-tuning starts from it (init_from): adapters and a classifier
   head are new, and a classifier has no LM output layer."""
   names = key.split("/")
-  if any(n in LORA_LEAVES for n in names) or HEAD in names:
+  if lora.is_adapter(names) or any(n in HEADS for n in names):
     return True
   return config.model.get("num_classes", 0) > 0 and names[0] == "output"
 
@@ -185,7 +167,6 @@ def overlay_pretrained(init_params: Any, pretrained: Any, config) -> tuple[Any, 
   {'loaded', 'new', 'ignored': lists of 'a/b/c' paths}. Raises ValueError naming the param when
   shapes differ or a base param is missing (another model size or layout).
   """
-  cfg = _model_cfg(config)
   flat_pre = {"/".join(_names(p)): v for p, v in jax.tree_util.tree_leaves_with_path(pretrained)}
   report = {"loaded": [], "new": [], "ignored": []}
 
@@ -199,7 +180,7 @@ def overlay_pretrained(init_params: Any, pretrained: Any, config) -> tuple[Any, 
                          f"model.* sizes (and model.scan_layers)")
       report["loaded"].append(name)
       return jnp.asarray(value, leaf.dtype) if hasattr(leaf, "dtype") else value
-    if not _is_new(path, cfg):
+    if not _is_new(path):
       raise ValueError(f"param {name} is not in the pre-trained checkpoint (it has "
                        f"{sorted(flat_pre)[:8]}...): is it the same model size and layout?")
     report["new"].append(name)
@@ -212,16 +193,14 @@ def overlay_pretrained(init_params: Any, pretrained: Any, config) -> tuple[Any, 
 
 # ---------------------------------------------------------------- classification
 
-def classify_loss_sums(model, params: dict, batch: dict, deterministic: bool = True,
-                       rngs: dict | None = None) -> dict:
+def classify_loss_sums(model, params: dict, batch: dict) -> dict:
   """Sums over the rows with label_mask 1 (jit-able): {'ce_sum': cross-entropy, 'correct':
   argmax hits, 'count': rows}, all float32 scalars. Sums, so hosts and batches add up exactly.
 
   batch: int32 inputs, positions, segment_ids [B, L]; labels, last_index, label_mask [B].
   """
   logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                       batch["segment_ids"], last_index=batch["last_index"],
-                       deterministic=deterministic, rngs=rngs or {})
+                       batch["segment_ids"], last_index=batch["last_index"])
   logits = logits.astype(jnp.float32)
   labels = batch["labels"]
   ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
@@ -247,13 +226,6 @@ def store_labels(config, train_iter, workdir: str, write: bool, say) -> None:
   names = train_iter.description()["labels"]
   classify.store_labels(names, workdir, write)
   say(f"{classify.describe_labels(names)} (kept in {os.path.join(workdir, classify.LABELS_FILE)})")
-
-
-def dropout_rngs(config, step) -> dict:
-  """{'dropout': a key for this step} when LoRA dropout is on, else {} (nothing to draw)."""
-  if not config.model.lora_rank or not config.model.lora_dropout:
-    return {}
-  return {"dropout": jax.random.fold_in(jax.random.key(config.seed + 1), step)}
 
 
 # ---------------------------------------------------------------- the report

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation import workdir as workdir_lib
 from foundation.models import transformer
@@ -224,7 +225,7 @@ def load_config(workdir: str, overrides: Sequence[str] = ()):
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
   from foundation import defaults  # pylint: disable=g-import-not-at-top
-  saved = workdir_lib.read(workdir)
+  saved = defaults.migrate(workdir_lib.read(workdir))
   config = defaults.completion()
   _merge(config, saved)
   return ml_collections.ConfigDict(
@@ -391,6 +392,7 @@ def load(workdir: str, step: int | None = None, overrides: Sequence[str] = ()) -
   built = build_lib.build(config)
   model, mesh = built.model, built.mesh
   params, step = restore_params(workdir, built.abstract_state["params"], step)
+  params = lora.model_params(params, config)  # a LoRA run's adapters folded into the kernels
   # None for a task without text (images). No vocabulary check: an imported model may be driven
   # by a caller's own tokenizer (Session.tokenizer).
   tokenizer = built.task.tokenizer(check_vocab=False)

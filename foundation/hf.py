@@ -528,11 +528,10 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
                       max_shard_bytes: int = 4 << 30) -> list[str]:
   """A workdir's checkpoint (params only) -> HF safetensors + config.json in out_dir.
 
-  A LoRA run's adapters are merged into the kernels first (finetune.merge_lora), so the export is
-  a plain model of the base's shape. The tokenizer.json of the workdir (an imported model's, or a
+  A LoRA run's adapters are merged into the kernels (generate.load does it: lora.model_params), so
+  the export is a plain model of the base's shape. The tokenizer.json of the workdir (an imported model's, or a
   run's copy) goes along.
   """
-  from foundation import finetune  # pylint: disable=g-import-not-at-top
   from foundation import generate  # pylint: disable=g-import-not-at-top
   session = generate.load(workdir, step)
   cfg, params = session.model.cfg, session.params
@@ -540,8 +539,6 @@ def export_checkpoint(workdir: str, out_dir: str, *, step: int | None = None,
     raise UnsupportedModelError(
         f"{workdir} is a classifier (model.num_classes={cfg.num_classes}); export writes causal "
         f"language models (LlamaForCausalLM and kin), which have no classification head")
-  if cfg.lora_rank:
-    params, cfg = finetune.merge_lora(params, cfg), finetune.merged_config(cfg)
   tok = session.tokenizer
   files = export_params(params, cfg, out_dir, dtype=dtype,
                         model_type=model_type, max_shard_bytes=max_shard_bytes,

@@ -50,8 +50,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
       learning_rate=learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
       weight_decay=o.weight_decay, mask=lambda params: weight_decay_mask(params, config))
   optimizer = optax.chain(*clip, adamw)
-  if not config.model.get("lora_rank", 0):
-    return optimizer
-  # With LoRA only the adapters (and a new head) train: the base gets no update and no moments.
+  # With LoRA (or `trainable` naming a subset) only those params train: the rest get no update
+  # and no moments.
   from foundation import finetune  # pylint: disable=g-import-not-at-top
   return finetune.freeze_untrained(optimizer, config)

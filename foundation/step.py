@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from foundation import config as config_lib
 from foundation import finetune
+from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation import optim
 from foundation import registry
@@ -37,8 +38,8 @@ def make_model(config):
 
 
 def has_frozen_params(config) -> bool:
-  """Whether some params do not train (LoRA's frozen base)."""
-  return config.model.get("lora_rank", 0) > 0
+  """Whether some params do not train (LoRA's frozen base, a linear probe's encoder)."""
+  return finetune.has_frozen_params(config)
 
 
 def _dummy_inputs(config, batch: int = 1):
@@ -56,6 +57,8 @@ def initial_guard() -> dict:
 def _boxed_state(model, optimizer, config, rng):
   """The state with params still in their nn.Partitioned boxes (logical names attached)."""
   params = model.init(rng, *_dummy_inputs(config))["params"]
+  # LoRA's adapters beside their kernels (unchanged without LoRA); the base's init is the same.
+  params = lora.add_adapters(params, config, jax.random.fold_in(rng, 1))
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
           "guard": initial_guard()}
 
@@ -150,7 +153,8 @@ def make_train_step(model, optimizer, config, task=None):
   nan_steps = jnp.asarray(config_lib.inject_nan_steps(config) or (-1,), jnp.int32)
 
   def scaled_loss(params, batch, count, rngs):
-    sums = task.loss_sums(model, params, batch, rngs)
+    # LoRA's transform (adapters merged into their kernels) is differentiated through.
+    sums = task.loss_sums(model, lora.model_params(params, config), batch, rngs)
     return task.objective(sums) / count, sums
 
   grad_fn = jax.grad(scaled_loss, has_aux=True)
@@ -170,12 +174,12 @@ def make_train_step(model, optimizer, config, task=None):
 
   def train_step(state, batch):
     count = task.count(batch)
-    rngs = finetune.dropout_rngs(config, state["step"]) if frozen else {}
+    rngs = {}  # no dropout in the built-in tasks
     if config.grad_accum > 1:
       grads, sums = accumulated_grads(state["params"], batch, count, rngs)
     else:
       grads, sums = grad_fn(state["params"], batch, count, rngs)
-    if frozen:  # LoRA's base gets no update; its gradients do not count in the norm
+    if frozen:  # frozen params get no update; their gradients do not count in the norm
       mask = finetune.trainable_mask(state["params"], config)
       grads = finetune.masked_grads(grads, mask)
     poisoned = jnp.isin(state["step"] + 1, nan_steps)  # fault injection: NaN gradients
@@ -208,7 +212,7 @@ def make_eval_step(model, config, task=None):
   task = task or make_task(config)
 
   def eval_step(params, batch):
-    return task.eval_sums(model, params, batch)
+    return task.eval_sums(model, lora.model_params(params, config), batch)
 
   return eval_step
 

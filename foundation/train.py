@@ -28,6 +28,7 @@ from foundation import data
 from foundation import evaluate as evaluate_lib
 from foundation import finetune
 from foundation import generate
+from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation import metrics as metrics_lib
 from foundation import preemption as preemption_lib
@@ -40,17 +41,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and metrics.")
 
 
-def evaluate(eval_step, params, eval_batches, built) -> dict:
-  """The task's held-out metrics (loss and perplexity; a classifier: loss and accuracy) over the
-  fixed eval batches: sums first, so the figure is exact over hosts."""
-  return built.task.eval_metrics(evaluate_lib.eval_sums(eval_step, params, eval_batches,
-                                                        built.batch_shardings))
-
-
 def make_input(config, task):
   """(train iterator, eval batches) from the input the task names (registry 'input')."""
   make = registry.get("input", task.input, field=f"task {config.task!r}'s input")
   return make(config, jax.process_index(), jax.process_count(), config.eval.every > 0)
+
+
+def run_evaluations(evaluations, step: int, is_last: bool, params, config, reporter) -> dict:
+  """Runs the evaluations due at `step` (every one at step 0: the baseline) on the state's
+  `params` and writes their figures; returns the held-out ones (eval/*) when they ran."""
+  due = [e for e in evaluations if e.due(step, is_last)]
+  if not due:
+    return {}
+  params = lora.model_params(params, config)  # the model's own (LoRA: adapters merged)
+  held_out = {}
+  for group in due:
+    figures = evaluate_lib.run(group.evaluators, params)
+    reporter.write(step, figures, prefix=group.prefix)
+    held_out = figures if group.prefix == "eval" else held_out
+  return held_out
 
 
 EXIT_BAD_NUMBERS = 3
@@ -166,10 +175,10 @@ def train(config, workdir: str) -> dict:
   except ValueError as e:
     raise config_lib.ConfigError(str(e)) from None
   reporter.print(data.summary(train_iter))
-  # Task evaluators (perplexity, multiple choice, generation; config.evaluate), built once.
+  # The evaluations, built once: the held-out figures (eval.*) and the task evaluators
+  # (perplexity, multiple choice, generation; config.evaluate), each on its own schedule.
   try:
-    evaluators = (evaluate_lib.make_evaluators(config, model, mesh, tokenizer)
-                  if config.get("evaluate") and config.evaluate.every > 0 else [])
+    evaluations = evaluate_lib.trainer_schedule(config, model, mesh, tokenizer, eval_batches)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(str(e)) from None
 
@@ -193,7 +202,7 @@ def train(config, workdir: str) -> dict:
   reporter.mark_start(first_step, resumed=first_step > 0)
 
   # ------------------------------------------------------------------ Steps
-  train_step, eval_step = built.jit_steps()
+  train_step, _ = built.jit_steps()
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.log.peak_tflops)
   throughput = metrics_lib.Throughput(config.batch_size, flops_per_step,
                                       peak * jax.device_count() if peak else None,
@@ -202,12 +211,10 @@ def train(config, workdir: str) -> dict:
   # ------------------------------------------------------------------ Loop
   train_metrics, eval_metrics, preempted_at = {}, {}, None
   guard_keys = ("loss", "grad_norm", "skipped", "skipped_in_a_row", "nonfinite_update")
+
   with built.context(), preemption_lib.Preemption() as preemption:
-    if eval_batches and first_step == 0:
-      eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
-      reporter.write(0, eval_metrics, prefix="eval")
-    if evaluators and first_step == 0:  # the tasks before any training: the baseline
-      reporter.write(0, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
+    if first_step == 0:
+      eval_metrics = run_evaluations(evaluations, 0, False, state["params"], config, reporter)
     previous = None  # (step, metrics) of the step before, read once the next one is queued
     try:
       for step in range(first_step + 1, config.steps + 1):
@@ -227,11 +234,8 @@ def train(config, workdir: str) -> dict:
           train_metrics = {**jax.device_get(device_metrics), **throughput.report(step),
                            **(shares if len(shares) > 1 else {})}
           reporter.write(step, train_metrics)
-        if config.eval.every > 0 and (step % config.eval.every == 0 or is_last):
-          eval_metrics = evaluate(eval_step, state["params"], eval_batches, built)
-          reporter.write(step, eval_metrics, prefix="eval")
-        if evaluators and (step % config.evaluate.every == 0 or is_last):
-          reporter.write(step, evaluate_lib.run(evaluators, state["params"]), prefix="tasks")
+        eval_metrics = (run_evaluations(evaluations, step, is_last, state["params"], config,
+                                        reporter) or eval_metrics)
         saved = step % config.checkpoint.every == 0 or is_last
         if saved:
           checkpoint.save(manager, step, state, train_iter)
@@ -252,7 +256,8 @@ def train(config, workdir: str) -> dict:
     # ---------------------------------------------------------------- A sample
     if (getattr(built.task, "generates", False) and config.log.generate_tokens > 0
         and preempted_at is None):
-      text = generate.greedy_continuation(model, state["params"], tokenizer, config.log.prompt,
+      text = generate.greedy_continuation(model, lora.model_params(state["params"], config),
+                                          tokenizer, config.log.prompt,
                                           config.log.generate_tokens, config.seq_len)
       reporter.print(f"--- greedy continuation of {config.log.prompt!r}:\n"
                      f"{config.log.prompt}{text}\n---")

@@ -1,4 +1,5 @@
-"""Fine-tuning pieces: LoRA (exactness, frozen base, merging, memory), SFT and classification data
+"""Fine-tuning pieces: LoRA as a param transform (adapters, exactness, frozen base, merging,
+memory, an old workdir's fields), SFT and classification data
 (templates, masks, packing, errors, resume, host split), the classifier head and its loss.
 
 CPU, float32, the size=test model; compiles are shared where they can be.
@@ -18,11 +19,11 @@ from flax import linen as nn
 
 from configs import finetune as finetune_config
 from foundation import finetune
+from foundation import lora
 from foundation.data import classify
 from foundation.data import examples as examples_lib
 from foundation.data import sft
 from foundation.data import tokenizers
-from foundation.models import layers
 from foundation.models import transformer
 
 BYTES = tokenizers.ByteTokenizer()
@@ -53,8 +54,8 @@ BATCH = batch_of([[5, 9], [12]])
 @functools.lru_cache
 def init_params(cfg: transformer.ModelConfig, seed: int = 0):
   """Params like the model's init, drawn in numpy from the init's shapes (compiling the init
-  costs seconds per config on a small CPU): norms 1, lora_b and the head 0 (as the real init,
-  test_dense_lora_init), the embedding normal(1), other matrices normal(0.1)."""
+  costs seconds per config on a small CPU): norms 1, the head 0 (as the real init), the
+  embedding normal(1), other matrices normal(0.1)."""
   shapes = nn.unbox(jax.eval_shape(transformer.Transformer(cfg).init, jax.random.key(0),
                                    *BATCH))["params"]
   rng = np.random.default_rng(seed)
@@ -63,7 +64,7 @@ def init_params(cfg: transformer.ModelConfig, seed: int = 0):
     name = "/".join(str(k.key) for k in path)
     if "norm" in name:
       return np.ones(leaf.shape, np.float32)
-    if "lora_b" in name or "classifier" in name:
+    if "classifier" in name:
       return np.zeros(leaf.shape, np.float32)
     std = 1.0 if "embedding" in name else 0.1
     return (std * rng.normal(size=leaf.shape)).astype(np.float32)
@@ -83,89 +84,111 @@ def paths(tree) -> list[str]:
 # ---------------------------------------------------------------- LoRA
 
 # v: kv-head outputs; o: two contracted input axes; wi_up: the MLP. (Every target compiles slower.)
-LORA = dict(lora_rank=4, lora_alpha=8.0, lora_targets="v,o,wi_up", lora_dropout=0.1)
+LORA = dict(rank=4, alpha=8.0, targets="attn/(v|o)$|mlp/wi_up$")
 
 
-def test_lora_off_leaves_the_param_tree_unchanged():
+def run_config(trainable: str = "", **lora_fields):
+  """The fine-tuning run config of the test model with these lora.* fields."""
+  config = finetune_config.get_config("task=sft,base=test").unlock()
+  config.lora.update(lora_fields)
+  config.trainable = trainable
+  return config
+
+
+def boxed_params(cfg: transformer.ModelConfig):
+  """`init_params`'s values in the init's nn.Partitioned boxes (logical names attached)."""
+  boxed = jax.eval_shape(transformer.Transformer(cfg).init, jax.random.key(0), *BATCH)["params"]
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda box, value: box.replace_boxed(value), boxed, init_params(cfg),
+                      is_leaf=is_box)
+
+
+@functools.lru_cache
+def adapted_params(**fields):
+  """The test model's params with adapters (lora.add_adapters on the boxed init), unboxed."""
+  return nn.unbox(lora.add_adapters(boxed_params(model_cfg()), run_config(**fields),
+                                    jax.random.key(1)))
+
+
+def test_lora_adds_adapters_beside_the_targeted_kernels_only():
   plain = init_params(model_cfg())
   assert paths(plain) == sorted(
       ["embed/embedding", "final_norm/scale", "output/kernel"]
       + [f"layers/{m}/kernel" for m in ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/wi_gate",
                                         "mlp/wi_up", "mlp/wo")]
       + ["layers/attn_norm/scale", "layers/mlp_norm/scale"])
-  # A config.json written before the fine-tuning fields existed still loads, as lora_rank=0.
-  old = {k: v for k, v in finetune_config.get_config("task=sft,base=test").model.items()
-         if not k.startswith("lora_") and k != "num_classes"}
-  assert transformer.ModelConfig.from_config(old) == model_cfg()
-  adapted = init_params(model_cfg(lora_rank=4, lora_targets="q,v"))
+  boxed = boxed_params(model_cfg())
+  assert lora.add_adapters(boxed, run_config(), None) is boxed  # rank 0: the tree as it is
+  adapted = adapted_params(rank=4, targets="attn/(q|v)$")
   assert set(paths(adapted)) - set(paths(plain)) == {
       f"layers/attn/{m}/{leaf}" for m in "qv" for leaf in ("lora_a", "lora_b")}
-  assert adapted["layers"]["attn"]["q"]["lora_a"].shape == (2, 64, 4)        # [layers, in, r]
-  assert adapted["layers"]["attn"]["q"]["lora_b"].shape == (2, 4, 4, 16)     # [layers, r, out]
-
-
-def test_dense_lora_init():
-  """The real init: lora_b zeros (the adapted model starts as the base), lora_a fan-in scaled."""
-  cfg = model_cfg(lora_rank=8, lora_targets="o")
-  dense = layers.Dense(cfg, (64,), ("heads", "head_dim", "embed"), n_in=2, name="o")
-  x = jnp.ones((2, 3, 4, 16))
-  params = nn.unbox(dense.init(jax.random.key(0), x))["params"]
-  assert params["lora_a"].shape == (4, 16, 8) and params["lora_b"].shape == (8, 64)
-  assert not np.any(params["lora_b"])
-  assert 0.5 < float(np.std(params["lora_a"])) * np.sqrt(64) < 1.5   # fan_in = 4 * 16
-  plain = layers.Dense(model_cfg(), (64,), ("heads", "head_dim", "embed"), n_in=2, name="o")
-  np.testing.assert_array_equal(dense.apply({"params": params}, x),
-                                plain.apply({"params": {"kernel": params["kernel"]}}, x))
+  q = adapted["layers"]["attn"]["q"]
+  assert q["lora_a"].shape == (2, 64, 4)          # [layers, in: embed, r]
+  assert q["lora_b"].shape == (2, 4, 4, 16)       # [layers, r, out: heads, head_dim]
+  assert not np.any(q["lora_b"])                  # the adapted model starts as the base
+  assert 0.7 < float(np.std(q["lora_a"])) * np.sqrt(64) < 1.3   # fan-in scaled
+  # o reads two axes (heads, head_dim) and writes embed: in = both.
+  o = adapted_params(rank=8, targets="attn/o$")["layers"]["attn"]["o"]
+  assert o["lora_a"].shape == (2, 4, 16, 8) and o["lora_b"].shape == (2, 8, 64)
+  # The adapters' logical names follow their kernel's, so they shard like it.
+  boxed = lora.add_adapters(boxed_params(model_cfg()), run_config(rank=4, targets="attn/o$"),
+                            jax.random.key(1))
+  assert boxed["layers"]["attn"]["o"]["lora_a"].names == ("layers", "heads", "head_dim", None)
+  assert boxed["layers"]["attn"]["o"]["lora_b"].names == ("layers", None, "embed")
 
 
 def test_lora_config_errors():
-  with pytest.raises(ValueError, match="'wq' is not a projection; use names from q, k, v, o"):
-    model_cfg(lora_rank=4, lora_targets="q,wq")
-  with pytest.raises(ValueError, match="lora_dropout=1.5"):
-    model_cfg(lora_rank=4, lora_dropout=1.5)
-  assert model_cfg(lora_rank=2, lora_targets="attn,wo").lora_target_names == {
-      "q", "k", "v", "o", "wo"}
+  with pytest.raises(ValueError, match=r"lora.targets='attn/wq\$' matches no kernel; the "
+                                       r"model's are .*layers/attn/q"):
+    adapted_params(rank=4, targets="attn/wq$")
+  for fields, message in [(dict(rank=-1), "lora.rank=-1 must be >= 0"),
+                          (dict(rank=2, alpha=0.0), "lora.alpha=0.0 must be > 0"),
+                          (dict(rank=2, targets="attn/(q"), "lora.targets='attn/\\(q' is not")]:
+    with pytest.raises(ValueError, match=message):
+      lora.check(run_config(**fields))
+  with pytest.raises(ValueError, match="trainable='head/\\[': 'head/\\[' is not a regular"):
+    finetune.trainable_patterns(run_config(trainable="head/["))
 
 
 def test_lora_with_zero_b_is_exactly_the_base_model():
-  base_cfg, cfg = model_cfg(), model_cfg(**LORA)
-  params, report = finetune.overlay_pretrained(init_params(cfg), init_params(base_cfg), cfg)
+  config = run_config(**LORA)
+  params, report = finetune.overlay_pretrained(adapted_params(**LORA), init_params(model_cfg()),
+                                               config)
   assert report["ignored"] == [] and all("lora_" in p for p in report["new"])
   assert len(report["new"]) == 6  # lora_a and lora_b on 3 projections (scanned: one leaf each)
-  want = jitted_apply(base_cfg)({"params": init_params(base_cfg)}, *BATCH)
-  got = jitted_apply(cfg)({"params": params}, *BATCH)
-  np.testing.assert_array_equal(got, want)
+  merged = lora.model_params(params, config)
+  assert paths(merged) == paths(init_params(model_cfg()))
+  for got, want in zip(jax.tree.leaves(merged), jax.tree.leaves(init_params(model_cfg()))):
+    np.testing.assert_array_equal(got, want)
 
 
-def test_lora_trains_adapters_only_and_merges_exactly():
-  cfg = model_cfg(**LORA)
+def test_lora_trains_adapters_only():
+  cfg, config = model_cfg(), run_config(**LORA)
   model = transformer.Transformer(cfg)
-  params, _ = finetune.overlay_pretrained(init_params(cfg), init_params(model_cfg()), cfg)
+  params, _ = finetune.overlay_pretrained(adapted_params(**LORA), init_params(cfg), config)
   optimizer = finetune.freeze_untrained(
-      optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1)), cfg)
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1)), config)
   opt_state = optimizer.init(params)
   tokens, positions, segments = BATCH
   targets = np.roll(tokens, -1, axis=1)
 
-  def loss_fn(p, rng):
-    logits = model.apply({"params": p}, tokens, positions, segments, deterministic=False,
-                         rngs={"dropout": rng})
+  def loss_fn(p):  # as the train step: the transform is differentiated through
+    logits = model.apply({"params": lora.model_params(p, config)}, tokens, positions, segments)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(ce * (segments != 0)) / jnp.sum(segments != 0)
 
   @jax.jit
-  def train_step(p, s, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(p, rng)
+  def train_step(p, s):
+    loss, grads = jax.value_and_grad(loss_fn)(p)
     updates, s = optimizer.update(grads, s, p)
     return optax.apply_updates(p, updates), s, loss
 
   losses, new = [], params
-  for i in range(5):
-    # rbg keys: threefry's bit generator alone takes seconds to compile on a small CPU.
-    new, opt_state, loss = train_step(new, opt_state, jax.random.key(i, impl="rbg"))
+  for _ in range(5):
+    new, opt_state, loss = train_step(new, opt_state)
     losses.append(float(loss))
   assert losses[-1] < losses[0], losses
-  mask = finetune.trainable_mask(new, cfg)
+  mask = finetune.trainable_mask(new, config)
   for (path, before), after, trains in zip(jax.tree_util.tree_leaves_with_path(params),
                                            jax.tree.leaves(new), jax.tree.leaves(mask)):
     name = "/".join(str(k.key) for k in path)
@@ -173,16 +196,6 @@ def test_lora_trains_adapters_only_and_merges_exactly():
     if not trains:  # the base: bit for bit (weight decay and clipping did not touch it)
       assert np.asarray(after).tobytes() == np.asarray(before).tobytes(), name
   assert float(jnp.abs(new["layers"]["mlp"]["wi_up"]["lora_b"]).max()) > 0
-
-  # Deterministic (eval) apply ignores dropout; the merged lora_rank=0 model computes the same.
-  adapted = jitted_apply(cfg)({"params": new}, *BATCH)
-  merged_cfg = finetune.merged_config(cfg)
-  merged = finetune.merge_lora(new, cfg)
-  assert paths(merged) == paths(init_params(model_cfg()))
-  got = jitted_apply(merged_cfg)({"params": merged}, *BATCH)
-  real = BATCH[2] != 0
-  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(adapted)[real], rtol=1e-5,
-                             atol=1e-5)
 
   # The report: adapters only, and Adam's two moments for them alone.
   report = finetune.trainable_report(new, mask)
@@ -194,32 +207,50 @@ def test_lora_trains_adapters_only_and_merges_exactly():
   assert "trainable: 3,328 of" in finetune.describe(report)
 
 
-def test_merge_lora_matches_numpy_for_scanned_and_two_axis_inputs():
+def test_lora_merge_is_the_adapted_projection_for_scanned_and_two_axis_inputs():
+  """x . merged kernel == x . W + alpha / r * (x . A) . B, for o's kernel [layers, heads, hd, d]
+  (the adapter reads both input axes), against numpy."""
   rng = np.random.default_rng(0)
   node = {"kernel": rng.normal(size=(3, 4, 5, 6)).astype(np.float32),   # [layers, heads, hd, d]
           "lora_a": rng.normal(size=(3, 4, 5, 2)).astype(np.float32),
           "lora_b": rng.normal(size=(3, 2, 6)).astype(np.float32)}
-  cfg = model_cfg(lora_rank=2, lora_alpha=3.0)
-  merged = finetune.merge_lora({"o": node}, cfg)["o"]
-  want = node["kernel"] + 1.5 * np.einsum("lhdr,lre->lhde", node["lora_a"], node["lora_b"])
+  merged = lora.merge({"o": node}, alpha=3.0)["o"]
   assert set(merged) == {"kernel"}
-  np.testing.assert_allclose(merged["kernel"], want, rtol=1e-5, atol=1e-5)
+  x = rng.normal(size=(7, 4, 5)).astype(np.float32)
+  for layer in range(3):
+    got = np.einsum("thd,hde->te", x, np.asarray(merged["kernel"][layer]))
+    low = np.einsum("thd,hdr->tr", x, node["lora_a"][layer])
+    want = (np.einsum("thd,hde->te", x, node["kernel"][layer])
+            + 1.5 * low @ node["lora_b"][layer])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_old_workdirs_lora_fields_load_as_the_lora_group(tmp_path):
+  from foundation import generate  # pylint: disable=g-import-not-at-top
+  saved = finetune_config.get_config("task=sft,base=test").to_dict()
+  del saved["lora"], saved["trainable"]
+  saved["model"].update(lora_rank=8, lora_alpha=32.0, lora_dropout=0.05, lora_targets="attn,wo")
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = generate.load_config(str(tmp_path))
+  assert config.lora.to_dict() == {"rank": 8, "alpha": 32.0,
+                                   "targets": "(attn|mlp)/(q|k|v|o|wo)$"}
+  assert not [k for k in config.model if k.startswith("lora_")]
 
 
 def test_overlay_pretrained_names_a_shape_mismatch():
-  cfg = model_cfg(**LORA)
   other = init_params(model_cfg(mlp_dim=64))
   with pytest.raises(ValueError, match=r"param layers/mlp/wi_gate/kernel: the pre-trained "
                                        r"checkpoint has shape \(2, 64, 64\), this model "
                                        r"\(2, 64, 128\)"):
-    finetune.overlay_pretrained(init_params(cfg), other, cfg)
+    finetune.overlay_pretrained(adapted_params(**LORA), other, run_config(**LORA))
 
 
 # ---------------------------------------------------------------- classifier head
 
 def test_classifier_head_loss_and_accuracy_match_numpy():
   cfg = model_cfg(num_classes=3)
-  params, report = finetune.overlay_pretrained(init_params(cfg), init_params(model_cfg()), cfg)
+  params, report = finetune.overlay_pretrained(init_params(cfg), init_params(model_cfg()),
+                                               run_config())
   assert report["new"] == ["classifier/bias", "classifier/kernel"]
   assert report["ignored"] == ["output/kernel"]  # a classifier has no vocabulary output
   assert not np.any(params["classifier"]["kernel"])  # zero init: uniform predictions
@@ -532,9 +563,11 @@ def test_classify_reads_prepared_tfds_and_names_unprepared_ones(tmp_path):
 def test_finetune_configs():
   config = finetune_config.get_config("task=classify,base=test,lora")
   assert config.task == "classify" and config.model.num_classes == 2
-  assert config.model.lora_rank == 8 and config.init_from == ""
+  assert config.lora.rank == 8 and config.init_from == ""
   cfg = transformer.ModelConfig.from_config(config.model)
-  mask = finetune.trainable_mask(init_params(cfg), config)
+  boxed = boxed_params(cfg)
+  mask = finetune.trainable_mask(nn.unbox(lora.add_adapters(boxed, config, jax.random.key(0))),
+                                 config)
   trains = {"/".join(str(k.key) for k in p)
             for p, m in jax.tree_util.tree_leaves_with_path(mask) if m}
   projections = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/wi_gate", "mlp/wi_up", "mlp/wo")

@@ -99,12 +99,18 @@ def test_lora_trains_only_the_adapters(pretrained, chat_file, tmp_path, capsys):
   merged = hf.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "merged"), dtype="float32",
                                 params_only=True)
   adapted, plain = generate.load(workdir), generate.load(merged)
-  assert plain.model.cfg.lora_rank == 0 and not [k for k in flat(plain.params) if "lora_" in k]
+  base_model = generate.load(pretrained)
+  # generate.load folds a LoRA run's adapters in (lora.model_params): no adapter leaf is left.
+  assert adapted.config.lora.rank == 8 and plain.config.lora.rank == 0
+  assert not [k for k in flat(adapted.params) | flat(plain.params) if "lora_" in k]
   tokens = np.arange(3, 67, dtype=np.int32)[None]
   batch = (tokens, np.arange(64, dtype=np.int32)[None], np.ones_like(tokens))
-  np.testing.assert_allclose(
-      np.asarray(plain.model.apply({"params": plain.params}, *batch)),
-      np.asarray(adapted.model.apply({"params": adapted.params}, *batch)), rtol=1e-5, atol=1e-5)
+  logits = np.asarray(adapted.model.apply({"params": adapted.params}, *batch))
+  np.testing.assert_allclose(np.asarray(plain.model.apply({"params": plain.params}, *batch)),
+                             logits, rtol=1e-5, atol=1e-5)
+  # ... and the adapters did change the model: not the base's logits.
+  base_logits = np.asarray(base_model.model.apply({"params": base_model.params}, *batch))
+  assert np.abs(logits - base_logits).max() > 1e-3
 
 
 def test_a_classification_head_learns_a_labelled_csv(tmp_path):
@@ -156,6 +162,6 @@ def test_lora_sft_of_an_imported_hugging_face_model_with_its_tokenizer_json(
   # The fine-tuned workdir is one generate (and evaluate, export) can load.
   from foundation import generate  # pylint: disable=g-import-not-at-top
   session = generate.load(workdir)
-  assert session.model.cfg.lora_rank == 8 and session.tokenizer.eos_id == 2
+  assert session.config.lora.rank == 8 and session.tokenizer.eos_id == 2
   with pytest.raises(ValueError, match=r"base='nowhere' is neither a configs/lm.py size"):
     finetune_configs.get_config("task=sft,base=nowhere")

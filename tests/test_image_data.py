@@ -179,6 +179,34 @@ def test_embedded_train_batches_and_exact_resume(tmp_path):
   assert fresh.description()["epoch"] == 1 and 1 < fresh.metrics()["data/epochs"] < 2
 
 
+def test_mixup_on_train_batches_mixes_rows_and_resumes_exactly(tmp_path):
+  """data.mixup > 0: each train batch is the unmixed batch (same pixels: the pp seeds are the
+  example's) mixed with itself rolled by a row, soft labels alike; eval batches carry one-hot
+  soft labels; a restored iterator mixes the same."""
+  plain = take(image_input.make_train_iterator(make_config(), 0, 1), 2)
+  it = image_input.make_train_iterator(make_config(mixup=0.4), 0, 1)
+  mixed = take(it, 2)
+  for x, m in zip(plain, mixed):
+    onehot = np.eye(10, dtype=np.float32)[x["label"]]
+    ratio = float(m["soft_label"][0] @ onehot[0]) if x["label"][0] != x["label"][-1] else None
+    np.testing.assert_allclose(m["soft_label"].sum(1), 1, atol=1e-6)
+    np.testing.assert_array_equal(m["label"], x["label"])
+    if ratio is not None:
+      np.testing.assert_allclose(m["image"], ratio * x["image"] + (1 - ratio) * np.roll(
+          x["image"], 1, axis=0), atol=1e-5)
+      np.testing.assert_allclose(m["soft_label"], ratio * onehot + (1 - ratio) * np.roll(
+          onehot, 1, axis=0), atol=1e-6)
+  assert not np.allclose(mixed[0]["image"], plain[0]["image"])
+  it.save(str(tmp_path))
+  after = take(it, 3)
+  fresh = image_input.make_train_iterator(make_config(mixup=0.4), 0, 1)
+  fresh.restore(str(tmp_path))
+  assert_batches_equal(take(fresh, 3), after)
+  evals = image_input.eval_batches(make_config(mixup=0.4), 0, 1)
+  np.testing.assert_array_equal(evals[0]["soft_label"],
+                                np.eye(10, dtype=np.float32)[evals[0]["label"]])
+
+
 def test_two_hosts_split_each_global_batch():
   config = make_config()
   one = take(image_input.make_train_iterator(config, 0, 1), 2)

@@ -2,6 +2,7 @@
 equals the one-device step, resume is bit-identical, and bad image configs are one-line errors."""
 
 import functools
+import re
 import json
 import os
 import subprocess
@@ -112,6 +113,42 @@ def test_a_sharded_step_equals_the_one_device_step(mesh):
   assert all(m > 1e-5 for path, m in moved if "['k']['bias']" not in jax.tree_util.keystr(path))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
                params, ref_params)
+
+
+# ---------------------------------------------------------------- what trains, on another family
+
+@pytest.mark.parametrize("fields, trains", [
+    # LoRA is a transform of the params: the ViT gets adapters with no field of its own; they and
+    # the new head train. In two steps B moves (the zero head moves first); A's gradient is
+    # B-weighted, so A waits for a non-zero B.
+    (dict(lora=dict(rank=2, targets="attn/(q|v)$")), r"lora_b|^head/"),
+    # A linear probe: only the head trains, the encoder stays as it was.
+    (dict(trainable="^head/"), r"^head/"),
+], ids=["lora", "linear-probe"])
+def test_lora_and_a_linear_probe_on_the_vit(fields, trains):
+  config = make_config()
+  with config.unlocked():
+    for key, value in fields.items():
+      config[key].update(value) if isinstance(value, dict) else config.update({key: value})
+  _, initial, params = one_step(config, jax.devices()[:1])
+  changed = {jax.tree_util.keystr(p, simple=True, separator="/"): bool(np.any(a != b))
+             for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree.leaves(initial))}
+  if "lora" in fields:
+    assert {k for k in changed if "lora_" in k} == {
+        f"layers/attn/{m}/lora_{ab}" for m in "qv" for ab in "ab"}
+  assert {k for k, moved in changed.items() if moved} == {
+      k for k in changed if re.search(trains, k)}, changed
+
+
+def test_mixup_trains_on_soft_labels():
+  """data.mixup: the batch gains soft_label (sharded with the batch) and the loss is the
+  cross-entropy against it: the step runs, the loss is finite and not the unmixed one."""
+  config = make_config()
+  with config.unlocked():
+    config.data.mixup = 0.4
+  loss, _, _ = one_step(config, jax.devices()[:1])
+  assert np.isfinite(loss) and abs(loss - reference()[0]) > 1e-4
 
 
 # ---------------------------------------------------------------- bad input

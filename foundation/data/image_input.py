@@ -49,6 +49,9 @@ def image_data_config() -> ml_collections.ConfigDict:
       # image_ops chains (foundation/data/image_ops.py); sizes in them must give image_size.
       pp_train="decode|flip_lr|value_range(-1,1)",
       pp_eval="decode|value_range(-1,1)",
+      # Batch mixup (image_ops.mixup) on train batches: Beta(mixup, mixup) ratios; 0 is off. On,
+      # every batch (eval too: one-hot) carries 'soft_label' [num_classes] for the loss.
+      mixup=0.0,
       classes="",              # embedded/files: keep these comma-separated class names ('' all)
       image_feature="image",   # TFDS feature names
       label_feature="label",
@@ -282,15 +285,32 @@ class Preprocess:
     return self._batch(raw, epochs.astype(np.int64), indices.astype(np.int64)).numpy()
 
 
-def _builder(data: ImageSet, pp: Preprocess):
-  """build(rows) for EpochIterator / eval_batches: rows are (index, epoch) or () (padding)."""
+MIXUP_SALT = 0x313C  # mixup's seeds differ from the pp chain's, for the same example
+
+
+def _builder(data: ImageSet, pp: Preprocess, config, mix: bool = False):
+  """build(rows) for EpochIterator / eval_batches: rows are (index, epoch) or () (padding).
+
+  With data.mixup > 0 every batch has 'soft_label' (one-hot; `mix`, the train batches: mixed
+  with the images, one ratio per batch seeded by its first example, so a resumed run mixes the
+  same)."""
+  alpha, classes = float(config.data.get("mixup", 0.0)), int(config.model.num_classes)
+
   def build(rows) -> dict[str, np.ndarray]:
     real = np.array([bool(r) for r in rows])
     index = np.array([r[0] if r else 0 for r in rows], np.int64)
     epoch = np.array([r[1] if r else 0 for r in rows], np.int64)
-    return {"image": pp(data.raw[index], epoch, index),
-            "label": np.where(real, data.labels[index], 0).astype(np.int32),
-            "label_mask": real.astype(np.int32)}
+    batch = {"image": pp(data.raw[index], epoch, index),
+             "label": np.where(real, data.labels[index], 0).astype(np.int32),
+             "label_mask": real.astype(np.int32)}
+    if alpha > 0:
+      batch["soft_label"] = np.eye(classes, dtype=np.float32)[batch["label"]]
+      if mix:
+        from foundation.data import image_ops  # pylint: disable=g-import-not-at-top
+        seed = image_ops.example_seed(int(config.seed) ^ MIXUP_SALT, epoch[0], index[0])
+        mixed = image_ops.mixup(batch, seed, alpha, classes)
+        batch.update(image=mixed["image"].numpy(), soft_label=mixed["labels"].numpy())
+    return batch
   return build
 
 
@@ -312,9 +332,12 @@ def make_train_iterator(config, process_index: int,
     return [(int(i), epoch) for i in order]
   identity = {"data": data.identity, "seed": int(config.seed), "pp_train": config.data.pp_train,
               "image_size": int(config.data.image_size)}
+  if config.data.get("mixup", 0.0) > 0:  # (absent when off: older checkpoints resume)
+    identity["mixup"] = float(config.data.mixup)
   description = {"sources": [[config.data.source, 1.0]], "position_kind": "image",
                  "process_count": process_count, "num_examples": count}
-  return examples.EpochIterator(plan, _builder(data, pp), config.batch_size, process_index,
+  return examples.EpochIterator(plan, _builder(data, pp, config, mix=True), config.batch_size,
+                                process_index,
                                 process_count, identity, description)
 
 
@@ -326,7 +349,8 @@ def eval_batches(config, process_index: int, process_count: int) -> list[dict[st
   pp = Preprocess(config, config.data.pp_eval, "data.pp_eval")
   pp.check(data.raw[0])
   rows = [(i, 0) for i in range(len(data.labels))]
-  return examples.eval_batches(rows, _builder(data, pp), config, process_index, process_count)
+  return examples.eval_batches(rows, _builder(data, pp, config), config, process_index,
+                               process_count)
 
 
 def class_names(config) -> tuple[str, ...]:
@@ -368,7 +392,18 @@ class TfdsIterator(iterators.DataIterator):
     # Shuffle after repeat: the buffer flows across epoch ends (no stall at each epoch's tail).
     ds = ds.repeat().enumerate().shuffle(config.data.shuffle_buffer, seed=seed)
     ds = ds.map(process, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(host_batch, drop_remainder=True).prefetch(config.data.prefetch)
+    ds = ds.batch(host_batch, drop_remainder=True)
+    alpha = float(config.data.get("mixup", 0.0))
+    if alpha > 0:  # one ratio per batch, seeded by the batch's number on this host (resumable)
+      from foundation.data import image_ops  # pylint: disable=g-import-not-at-top
+
+      def mix(number, batch):
+        batch = {**batch, "soft_label": tf.one_hot(batch["label"], num_classes)}
+        mixed = image_ops.mixup(batch, image_ops.example_seed(seed ^ MIXUP_SALT, process_index,
+                                                              number), alpha, num_classes)
+        return {**batch, "image": mixed["image"], "soft_label": mixed["labels"]}
+      ds = ds.enumerate().map(mix)
+    ds = ds.prefetch(config.data.prefetch)
     ds = ds.with_options(pipeline._options())  # pylint: disable=protected-access
     self._iterator = iter(ds)
     self._description = {"sources": [[config.data.source, 1.0]], "position_kind": "image-tfds",

@@ -10,11 +10,7 @@ are used. No layer has a bias, except the optional q/k/v biases of Qwen2-style m
 Decoding: `Attention`, `Block` and the Transformer take an optional KV cache (see `Transformer`);
 without one the computation is exactly the training one.
 
-LoRA (Hu et al. 2021): with `cfg.lora_rank` r > 0, each `Dense` named in `cfg.lora_targets` also
-holds `lora_a` [*in, r] (fan-in init) and `lora_b` [r, *out] (zeros) and computes
-x @ kernel + (lora_alpha / r) * dropout(x) @ lora_a @ lora_b. B = 0 at init, so the adapted model
-starts as exactly the base model; with r = 0 (the default) the param tree is the plain one.
-Dropout on the adapter input runs only with `deterministic=False` and a 'dropout' rng.
+LoRA is not here: it is a transform of the params (foundation/lora.py), for any family.
 
 Init scheme (LeCun / MaxText style; the forward pass has no multipliers, so Hugging Face LLaMA
 weights import unchanged):
@@ -55,16 +51,12 @@ class Dense(nn.Module):
   Contracts the last `n_in` axes of x. Not nn.DenseGeneral: it initialises a flattened 2-D kernel
   and unboxes that under the kernel's 3-D logical names, a rank error under a mesh with logical
   rules (tests/test_model.py::test_sharded_apply_matches_unsharded).
-
-  A LoRA adapter is added when `cfg.lora_rank` > 0 and this module's name ('q', 'wo', ...) is one
-  of `cfg.lora_target_names`; see the module docstring.
   """
   cfg: "ModelConfig"
   features: tuple[int, ...]
   names: tuple[str, ...]   # logical names of the kernel's axes
   n_in: int = 1
   use_bias: bool = False   # a bias over `features` (zeros at init), added after the matmul
-  deterministic: bool = True  # False: LoRA dropout is on (needs a 'dropout' rng)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -82,22 +74,6 @@ class Dense(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.names[n_in:]), self.features, cfg.params_dtype)
       y = y + bias.astype(cfg.compute_dtype)
-    if self.name in cfg.lora_target_names:
-      rank = cfg.lora_rank
-      a_init = nn.initializers.variance_scaling(
-          1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)), out_axis=n_in)
-      # The rank axis is tiny: replicated (None); the other axes shard like the kernel's.
-      lora_a = self.param("lora_a", nn.with_logical_partitioning(
-          a_init, (*self.names[:n_in], None)), (*in_shape, rank), cfg.params_dtype)
-      lora_b = self.param("lora_b", nn.with_logical_partitioning(
-          nn.initializers.zeros, (None, *self.names[n_in:])), (rank, *self.features),
-                          cfg.params_dtype)
-      if cfg.lora_dropout > 0 and not self.deterministic:
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
-      low = _contract(x, lora_a.astype(cfg.compute_dtype), n_in)            # [..., rank]
-      delta = _contract(low, lora_b.astype(cfg.compute_dtype), 1)           # [..., *features]
-      y = y + delta * jnp.asarray(cfg.lora_alpha / rank, cfg.compute_dtype)
     return y
 
 
@@ -292,19 +268,18 @@ class Attention(nn.Module):
   With `cache` (decoding) it also returns the layer's updated cache; see `Block`.
   """
   cfg: "ModelConfig"
-  deterministic: bool = True  # False: LoRA dropout on (training)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: dict | None = None,
                decode: dict | None = None):
-    cfg, det = self.cfg, self.deterministic
+    cfg = self.cfg
     bias = cfg.qkv_bias
     q = Dense(cfg, (cfg.n_heads, cfg.head_dim), ("embed", "heads", "head_dim"), use_bias=bias,
-              deterministic=det, name="q")(x)
+              name="q")(x)
     k = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
-              use_bias=bias, deterministic=det, name="k")(x)
+              use_bias=bias, name="k")(x)
     v = Dense(cfg, (cfg.n_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
-              use_bias=bias, deterministic=det, name="v")(x)
+              use_bias=bias, name="v")(x)
     inv_freq = inverse_frequencies(cfg)
     q = nn.with_logical_constraint(rotary(q, positions, cfg.rope_theta, inv_freq), Q_HEADS)
     k = nn.with_logical_constraint(rotary(k, positions, cfg.rope_theta, inv_freq), KV_HEADS)
@@ -328,7 +303,7 @@ class Attention(nn.Module):
       # XLA, whatever cfg.attention says: the mask is not the square causal one cuDNN expects.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     out = nn.with_logical_constraint(out, Q_HEADS)
-    out = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, deterministic=det,
+    out = Dense(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2,
                 name="o")(out)
     return out if cache is None else (out, cache)
 
@@ -349,15 +324,14 @@ def _write_cache(cache: dict, k: Array, v: Array, index: Array):
 class Mlp(nn.Module):
   """SwiGLU feed-forward: wo(silu(x @ wi_gate) * (x @ wi_up)), [B, L, D] -> [B, L, D]."""
   cfg: "ModelConfig"
-  deterministic: bool = True  # False: LoRA dropout on (training)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg, det = self.cfg, self.deterministic
-    gate = Dense(cfg, (cfg.mlp_dim,), ("embed", "mlp"), deterministic=det, name="wi_gate")(x)
-    up = Dense(cfg, (cfg.mlp_dim,), ("embed", "mlp"), deterministic=det, name="wi_up")(x)
+    cfg = self.cfg
+    gate = Dense(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="wi_gate")(x)
+    up = Dense(cfg, (cfg.mlp_dim,), ("embed", "mlp"), name="wi_up")(x)
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, MLP_HIDDEN)
-    return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), deterministic=det, name="wo")(hidden)
+    return Dense(cfg, (cfg.d_model,), ("mlp", "embed"), name="wo")(hidden)
 
 
 class Block(nn.Module):
@@ -366,21 +340,20 @@ class Block(nn.Module):
   Returns (x, None): a scan carry and no per-layer output, so `nn.scan` takes the class as is.
   Decoding passes this layer's `cache` {'k', 'v': [B, S, K, H]} (scanned over layers) and the
   shared `decode` {'index': int32 scalar, 'segment_ids': int32 [B, S]} (broadcast); the block then
-  returns (x, updated cache). `deterministic=False` turns LoRA dropout on (training only).
+  returns (x, updated cache).
   """
   cfg: "ModelConfig"
-  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: dict | None = None,
                decode: dict | None = None) -> tuple[Array, dict | None]:
-    cfg, det = self.cfg, self.deterministic
-    h = Attention(cfg, det, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions,
+    cfg = self.cfg
+    h = Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x), positions,
                                          segment_ids, cache, decode)
     if cache is not None:
       h, cache = h
     x = nn.with_logical_constraint(x + h, RESIDUAL)
-    h = Mlp(cfg, det, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+    h = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
     x = nn.with_logical_constraint(x + h, RESIDUAL)
     return x, cache
 

@@ -11,9 +11,7 @@ With scan_layers every `layers` leaf has a leading n_layers axis (logical name '
 the blocks are `layers_0` ... `layers_{n-1}`.
 
 Fine-tuning variants (foundation/finetune.py trains them):
-  * LoRA (`lora_rank` > 0): each projection named in `lora_targets` also has lora_a, lora_b
-    (layers.Dense); training with `deterministic=False` and rngs={'dropout': key} applies
-    `lora_dropout`. With lora_rank 0 the tree is the plain one.
+  * LoRA: not a model field; a transform of the params (foundation/lora.py).
   * Sequence classification (`num_classes` > 0): no vocabulary output layer; a `classifier`
     head {kernel [d_model, num_classes], bias} reads the final-normed hidden state of each row's
     last real token and the model returns float32 class logits [B, num_classes]. Every other
@@ -53,27 +51,6 @@ REMAT_POLICIES = {
 }
 
 
-# The projections LoRA can adapt (their param names), and shorthands for groups of them.
-LORA_TARGETS = ("q", "k", "v", "o", "wi_gate", "wi_up", "wo")
-LORA_GROUPS = {"attn": ("q", "k", "v", "o"), "mlp": ("wi_gate", "wi_up", "wo"),
-               "all": LORA_TARGETS}
-
-
-def lora_target_names(targets: str, rank: int) -> frozenset[str]:
-  """'q,v' or 'attn,wo' -> projection names, groups expanded; unknown names raise."""
-  names = set()
-  for part in filter(None, (p.strip() for p in targets.split(","))):
-    if part not in LORA_TARGETS and part not in LORA_GROUPS:
-      raise ValueError(
-          f"model.lora_targets={targets!r}: {part!r} is not a projection; use names from "
-          f"{', '.join(LORA_TARGETS)} or the groups {', '.join(LORA_GROUPS)}")
-    names.update(LORA_GROUPS.get(part, (part,)))
-  if not names:
-    raise ValueError(f"model.lora_targets={targets!r} names no projection but "
-                     f"model.lora_rank={rank}; e.g. 'q,v' or 'all'")
-  return frozenset(names)
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's hyper-parameters; frozen, so hashable (a static argument and a Module field)."""
@@ -102,10 +79,6 @@ class ModelConfig:
   rope_original_max_len: int = 8192     # llama3: the context length the model was first trained on
   sliding_window: int = 0         # attend only to the last N tokens (Mistral); 0 is unlimited
   # Fine-tuning (see the module docstring):
-  lora_rank: int = 0              # LoRA adapter rank; 0: no adapters
-  lora_alpha: float = 16.0        # the adapter output is scaled by lora_alpha / lora_rank
-  lora_dropout: float = 0.0       # dropout on the adapters' input, in training only
-  lora_targets: str = "q,v"       # comma-separated projections (LORA_TARGETS, or attn, mlp, all)
   num_classes: int = 0            # > 0: a sequence classifier with this many classes, not an LM
   causal: bool = True             # False: bidirectional attention (an encoder: a text tower)
 
@@ -128,14 +101,6 @@ class ModelConfig:
                        f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.sliding_window < 0:
       raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
-    if self.lora_rank < 0:
-      raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0: no LoRA adapters)")
-    if not 0.0 <= self.lora_dropout < 1.0:
-      raise ValueError(f"model.lora_dropout={self.lora_dropout} must be in [0, 1)")
-    if self.lora_rank and self.lora_alpha <= 0:
-      raise ValueError(f"model.lora_alpha={self.lora_alpha} must be > 0")
-    if self.lora_rank:
-      lora_target_names(self.lora_targets, self.lora_rank)  # raises on an unknown name
     if self.num_classes < 0:
       raise ValueError(f"model.num_classes={self.num_classes} must be >= 0 (0: a language model)")
 
@@ -144,11 +109,6 @@ class ModelConfig:
     """From `config.model`; fields it has beyond these are ignored, those with a default may be
     absent (a config.json written before they existed)."""
     return models.dataclass_from_config(cls, config)
-
-  @property
-  def lora_target_names(self) -> frozenset[str]:
-    """The projections that get adapters (empty without LoRA)."""
-    return lora_target_names(self.lora_targets, self.lora_rank) if self.lora_rank else frozenset()
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -169,7 +129,7 @@ def block_class(cfg: ModelConfig) -> type[nn.Module]:
         block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     block = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        block, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
         metadata_params={nn.PARTITION_NAME: "layers"})
   return block
@@ -209,7 +169,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
                cache: dict | None = None, return_hidden: bool = False,
-               last_index: Array | None = None, deterministic: bool = True):
+               last_index: Array | None = None):
     """Next-token logits (or class logits, with `num_classes`).
 
     Args:
@@ -223,7 +183,6 @@ class Transformer(nn.Module):
       last_index: classifiers only: int32 [B], the column of each row's last real token, whose
         hidden state the head reads; None takes the last column with a non-zero segment id
         (rows right-padded).
-      deterministic: False in training turns LoRA dropout on; it then needs rngs={'dropout': key}.
     Returns:
       float32 [B, L, vocab_size] logits; with a cache, (float32 [B, 1, vocab_size] logits of the
       last new token, the updated cache); a classifier: float32 [B, num_classes].
@@ -236,10 +195,10 @@ class Transformer(nn.Module):
     if cache is None:
       block = block_class(cfg)
       if cfg.scan_layers:
-        x, _ = block(cfg, deterministic, name="layers")(x, positions, segment_ids)
+        x, _ = block(cfg, name="layers")(x, positions, segment_ids)
       else:
         for i in range(cfg.n_layers):
-          x, _ = block(cfg, deterministic, name=f"layers_{i}")(x, positions, segment_ids)
+          x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
     else:
       x, cache = self._decode_layers(x, positions, segment_ids, cache)
       x = x[:, -1:]  # decoding needs only the next token's logits

@@ -104,11 +104,6 @@ class ViTConfig:
   def params_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.param_dtype)
 
-  @property
-  def lora_target_names(self) -> frozenset[str]:
-    """layers.Dense reads this: the ViT has no LoRA adapters (yet)."""
-    return frozenset()
-
 
 def model_config(size: str, **overrides) -> dict:
   """The `config.model` fields of a SIZES entry (a plain dict; the config wraps it)."""

@@ -26,6 +26,9 @@ class ClassifyImage(base.PerRow, base.Task):
     return vit
 
   def check(self, config) -> None:
+    mixup = config.data.get("mixup", 0.0)
+    if mixup < 0:
+      raise ValueError(f"data.mixup={mixup} must be >= 0 (0: off; big_vision uses 0.1-0.5)")
     classes = config.model.get("num_classes", 0)
     if classes <= 0:
       raise ValueError(f"task='image_classify' with model.num_classes={classes}: the head needs "
@@ -37,9 +40,12 @@ class ClassifyImage(base.PerRow, base.Task):
 
   def batch_spec(self) -> dict[str, base.Field]:
     d = self.config.data
-    return {"image": base.Field((d.image_size, d.image_size, d.channels), "float32", IMAGE),
+    spec = {"image": base.Field((d.image_size, d.image_size, d.channels), "float32", IMAGE),
             "label": base.Field((), "int32", ROWS),
             "label_mask": base.Field((), "int32", ROWS, fill=1)}
+    if d.get("mixup", 0.0) > 0:  # mixup's soft labels (one-hot in eval batches)
+      spec["soft_label"] = base.Field((self.config.model.num_classes,), "float32", (*ROWS, None))
+    return spec
 
   def model_args(self, batch: dict) -> tuple:
     return (batch["image"],)
@@ -48,7 +54,11 @@ class ClassifyImage(base.PerRow, base.Task):
     logits = model.apply({"params": params}, batch["image"], train=bool(rngs),
                          rngs=rngs or {}).astype(jnp.float32)
     labels = batch["label"]
-    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+    if "soft_label" in batch:  # mixup: cross-entropy against the mixed label distribution
+      ce = jax.nn.logsumexp(logits, axis=-1) - (batch["soft_label"] * logits).sum(-1)
+    else:
+      ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None],
+                                                                   -1)[:, 0]
     mask = batch["label_mask"] > 0
     hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
     # where, not multiply: a padding row's logits must not leak a NaN into the sums

@@ -34,7 +34,7 @@ def cross_entropy_sums(logits, targets, loss_mask):
   return ((log_z - target_logit) * mask).sum(), (jnp.square(log_z) * mask).sum()
 
 
-def next_token_sums(model, params, batch, chunk: int = 0, rngs=None):
+def next_token_sums(model, params, batch, chunk: int = 0):
   """(ce_sum, z_sum) of the model on one batch.
 
   chunk > 0: the logits are made `chunk` positions at a time inside a rematerialised scan, so the
@@ -42,12 +42,10 @@ def next_token_sums(model, params, batch, chunk: int = 0, rngs=None):
   vocab] does. Same numbers, less memory, a second output matmul in the backward pass.
   """
   args = (batch["inputs"], batch["positions"], batch["segment_ids"])
-  # rngs: {'dropout': key} when LoRA dropout trains; otherwise the model is deterministic.
-  dropout = {"deterministic": False, "rngs": rngs} if rngs else {}
   if not chunk or chunk >= batch["inputs"].shape[1]:
-    logits = model.apply({"params": params}, *args, **dropout)
+    logits = model.apply({"params": params}, *args)
     return cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-  hidden = model.apply({"params": params}, *args, return_hidden=True, **dropout)
+  hidden = model.apply({"params": params}, *args, return_hidden=True)
 
   def by_chunk(x):  # [B, L, ...] -> [L / chunk, B, chunk, ...]
     x = x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
@@ -128,7 +126,7 @@ class NextToken(_TokenTask):
             "loss_mask": base.Field(row, "int32", TOKENS, fill=1)}
 
   def loss_sums(self, model, params, batch, rngs=None) -> dict:
-    ce, z = next_token_sums(model, params, batch, self.config.model.get("logits_chunk", 0), rngs)
+    ce, z = next_token_sums(model, params, batch, self.config.model.get("logits_chunk", 0))
     return {"loss_sum": ce, "z_sum": z}
 
   def objective(self, sums: dict):
@@ -189,7 +187,7 @@ class ClassifySequence(base.PerRow, _TokenTask):
 
   def loss_sums(self, model, params, batch, rngs=None) -> dict:
     from foundation import finetune  # pylint: disable=g-import-not-at-top
-    sums = finetune.classify_loss_sums(model, params, batch, deterministic=not rngs, rngs=rngs)
+    sums = finetune.classify_loss_sums(model, params, batch)
     return {"loss_sum": sums["ce_sum"], "correct": sums["correct"]}
 
 
