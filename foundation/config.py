@@ -6,7 +6,6 @@ are caught earlier still, by the locked ConfigDict (`--config.a.b=value` parsing
 
 import math
 
-from foundation import finetune
 from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation import registry
@@ -84,9 +83,9 @@ def check_values(config) -> None:
   if "guard" in config:
     check_start_and_guard(config)
   init_from_skip(config)
+  patterns(config, "trainable")
   try:
     lora.check(config)
-    finetune.trainable_patterns(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -111,20 +110,25 @@ def check_start_and_guard(config) -> None:
                       f"numbers, e.g. '7,12'") from None
 
 
-def init_from_skip(config) -> list:
-  """The compiled patterns of `init_from_skip` ('head/.*,pos_embedding'): params whose path
-  ('head/kernel') matches one are initialised, not loaded from init_from (big_vision's
-  `dont_load`)."""
+def patterns(config, field: str) -> list:
+  """The compiled regexes of a comma-separated top-level field ('head/.*,pos_embedding'); a bad
+  one is a ConfigError naming the field."""
   import re  # pylint: disable=g-import-not-at-top
-  patterns = []
-  for part in str(config.get("init_from_skip", "")).split(","):
+  compiled = []
+  for part in str(config.get(field, "")).split(","):
     if part.strip():
       try:
-        patterns.append(re.compile(part.strip()))
+        compiled.append(re.compile(part.strip()))
       except re.error as e:
-        raise ConfigError(f"init_from_skip={config.init_from_skip!r}: {part.strip()!r} is not a "
-                          f"regular expression ({e})") from None
-  return patterns
+        raise ConfigError(f"{field}={config[field]!r}: {part.strip()!r} is not a regular "
+                          f"expression ({e})") from None
+  return compiled
+
+
+def init_from_skip(config) -> list:
+  """The patterns of `init_from_skip`: params whose path ('head/kernel') matches one are
+  initialised, not loaded from init_from (big_vision's `dont_load`)."""
+  return patterns(config, "init_from_skip")
 
 
 def inject_nan_steps(config) -> tuple[int, ...]:

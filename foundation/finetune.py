@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from foundation import config as config_lib
 from foundation import lora
 
 # A new classifier's head, by family: the decoder's 'classifier', the encoders' 'head'.
@@ -41,17 +42,8 @@ def _names(path) -> list[str]:
 
 
 def trainable_patterns(config) -> list:
-  """The compiled regexes of `trainable` (empty: no restriction). Raises ValueError naming the
-  field for a bad pattern."""
-  patterns = []
-  for part in str(config.get("trainable", "")).split(","):
-    if part.strip():
-      try:
-        patterns.append(re.compile(part.strip()))
-      except re.error as e:
-        raise ValueError(f"trainable={config.trainable!r}: {part.strip()!r} is not a regular "
-                         f"expression ({e})") from None
-  return patterns
+  """The compiled regexes of `trainable` (empty: no restriction); a bad one is a ConfigError."""
+  return config_lib.patterns(config, "trainable")
 
 
 def has_frozen_params(config) -> bool:

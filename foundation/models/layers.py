@@ -7,7 +7,8 @@ mesh axes. Params are created in `cfg.param_dtype` and cast to the compute `cfg.
 are used. No layer has a bias, except the optional q/k/v biases of Qwen2-style models
 (`cfg.qkv_bias`).
 
-Decoding: `Attention`, `Block` and the Transformer take an optional KV cache (see `Transformer`);
+Decoding: `Attention`, `Block` and the decoder model take an optional KV cache (see
+models/transformer.py);
 without one the computation is exactly the training one.
 
 LoRA is not here: it is a transform of the params (foundation/lora.py), for any family.
@@ -24,16 +25,16 @@ weights import unchanged):
 """
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-  from foundation.models.transformer import ModelConfig
-
 Array = jax.Array
+# A family's frozen config dataclass (the decoder's ModelConfig, the ViT's ViTConfig...): the
+# layers read the fields they need from it (d_model, n_heads, dtype, ...).
+Config = Any
 
 kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
@@ -52,7 +53,7 @@ class Dense(nn.Module):
   and unboxes that under the kernel's 3-D logical names, a rank error under a mesh with logical
   rules (tests/test_model.py::test_sharded_apply_matches_unsharded).
   """
-  cfg: "ModelConfig"
+  cfg: Config
   features: tuple[int, ...]
   names: tuple[str, ...]   # logical names of the kernel's axes
   n_in: int = 1
@@ -103,7 +104,7 @@ def _logits(x: Array, table: Array, table_contract: int) -> Array:
 
 class RMSNorm(nn.Module):
   """x / rms(x) * scale over the last axis, computed in float32; returns `cfg.dtype`."""
-  cfg: "ModelConfig"
+  cfg: Config
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -115,7 +116,7 @@ class RMSNorm(nn.Module):
     return (x * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
 
 
-def inverse_frequencies(cfg: "ModelConfig") -> Array:
+def inverse_frequencies(cfg: Config) -> Array:
   """float32 [head_dim/2]: the rotary frequencies, theta^(-2i/H), with `cfg.rope_scaling` applied.
 
   'llama3' (Llama 3.1+) divides the low frequencies -- wavelengths longer than
@@ -267,7 +268,7 @@ class Attention(nn.Module):
 
   With `cache` (decoding) it also returns the layer's updated cache; see `Block`.
   """
-  cfg: "ModelConfig"
+  cfg: Config
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: dict | None = None,
@@ -323,7 +324,7 @@ def _write_cache(cache: dict, k: Array, v: Array, index: Array):
 
 class Mlp(nn.Module):
   """SwiGLU feed-forward: wo(silu(x @ wi_gate) * (x @ wi_up)), [B, L, D] -> [B, L, D]."""
-  cfg: "ModelConfig"
+  cfg: Config
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -342,7 +343,7 @@ class Block(nn.Module):
   shared `decode` {'index': int32 scalar, 'segment_ids': int32 [B, S]} (broadcast); the block then
   returns (x, updated cache).
   """
-  cfg: "ModelConfig"
+  cfg: Config
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Array, cache: dict | None = None,
@@ -360,7 +361,7 @@ class Block(nn.Module):
 
 class Embed(nn.Module):
   """The token table [vocab, D]: `__call__` looks tokens up; `attend` is the tied output layer."""
-  cfg: "ModelConfig"
+  cfg: Config
 
   def setup(self):
     std = self.cfg.d_model ** -0.5 if self.cfg.tie_embeddings else 1.0
@@ -380,7 +381,7 @@ class Embed(nn.Module):
 
 class Unembed(nn.Module):
   """The untied output projection, kernel [D, vocab]: [B, L, D] -> float32 logits [B, L, vocab]."""
-  cfg: "ModelConfig"
+  cfg: Config
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -398,7 +399,7 @@ class ClassifierHead(nn.Module):
   prediction, loss log(num_classes), so its first steps do not push random gradients into a
   pre-trained backbone.
   """
-  cfg: "ModelConfig"
+  cfg: Config
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
