@@ -28,6 +28,7 @@ BUILTIN_MODULES = (
     "foundation.tasks.images",
     "foundation.models.two_tower",
     "foundation.tasks.contrastive",
+    "foundation.models.vlm", "foundation.tasks.vlm",
 )
 
 _ENTRIES: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}
