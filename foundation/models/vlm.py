@@ -277,7 +277,7 @@ def main(argv) -> None:
   del argv
   f = flags.FLAGS
   try:
-    config_lib.validate(f.config, devices=jax.devices()) if hasattr(config_lib, "validate") else None
+    config_lib.validate(f.config, jax.devices(), jax.process_count())
     compose_init(f.config, f.image_from, f.decoder_from, f.out)
   except (ValueError, config_lib.ConfigError) as e:
     raise SystemExit(f"error: {e}") from None
