@@ -246,7 +246,6 @@ def make(config) -> VLM:
 
 # ---------------------------------------------------------------- the family, for the registry
 
-@registry.register("family", "vlm")
 class VLMFamily:
   """model.family='vlm': the image-conditioned LM (task 'vlm')."""
   POSITIVE = ("model.image.width", "model.image.depth", "model.image.num_heads",
@@ -269,16 +268,24 @@ class VLMFamily:
     return make(config)
 
 
+# Registered by the package's module only: `python -m foundation.models.vlm` runs this file as
+# __main__ too, and the registry (importing foundation.models.vlm) would see two families 'vlm'.
+if __name__ != "__main__":
+  registry.register("family", "vlm")(VLMFamily)
+
+
 def main(argv) -> None:
   """python -m foundation.models.vlm --config configs/vlm.py:... --image_from W --decoder_from W
   --out DIR: the params of two pre-trained workdirs under image/ and decoder/ (compose_init)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   from foundation import config as config_lib  # pylint: disable=g-import-not-at-top
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
   f = flags.FLAGS
+  from foundation.models import vlm as family  # pylint: disable=g-import-not-at-top,import-self
   try:
     config_lib.validate(f.config, jax.devices(), jax.process_count())
-    compose_init(f.config, f.image_from, f.decoder_from, f.out)
+    family.compose_init(f.config, f.image_from, f.decoder_from, f.out)
   except (ValueError, config_lib.ConfigError) as e:
     raise SystemExit(f"error: {e}") from None
 
