@@ -2,6 +2,8 @@ r"""Text generation: prefill + KV-cache decoding, jitted and sharded like traini
 
   python -m foundation.generate --workdir runs/tiny --prompt "def fibonacci(n):"
   python -m foundation.generate --workdir runs/tiny --interactive --temperature 0.8 --top_p 0.95
+  python -m foundation.generate --workdir runs/vlm --image scene.png \
+      --prompt "<image> question: what colour is the shape? answer:"
 
 The workdir's config.json gives the model, the mesh and the tokenizer; the latest checkpoint gives
 the params (params only: the optimizer state is never read), restored straight into their training
@@ -24,6 +26,11 @@ A classifier's workdir (configs/finetune.py:task=classify) has labels, not text:
 prints each text's label by name with its probability, then the `--top_k` most likely labels
 (default: up to 5), e.g. `pos (p=0.93)  top 2: pos 0.930, neg 0.070`. The names are the run's
 WORKDIR/labels.json (index = id).
+
+An image-conditioned LM's workdir (configs/vlm.py, model.family='vlm') reads an image with its
+prompt: `--image FILE` goes through the run's data.pp_eval, and the prefill writes its image
+tokens into cache slots 0..P-1 before the (left-padded) prompt; a leading "<image>" placeholder in
+the prompt is dropped (the image's place is always the start).
 """
 
 import dataclasses
@@ -81,19 +88,24 @@ def sample_logits(logits: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "stop_tokens"))
-def _generate(model, params, prompt, segments, budget, rng, max_new_tokens: int,
+def _generate(model, params, prompt, segments, budget, image, rng, max_new_tokens: int,
               sampling: Sampling, stop_tokens: tuple[int, ...]):
   """Prefill the left-padded prompt [B, P], then decode up to `max_new_tokens` per row.
 
   prompt, segments: int32 [B, P] (segment 1 on real tokens, 0 on padding); budget: int32 [B],
   the most new tokens each row may have. Returns int32 [B, max_new_tokens]: the new tokens, each
-  row's stop token included, then -1 after the row has finished.
+  row's stop token included, then -1 after the row has finished. image: None, or float
+  [B, H, W, C] for an image-conditioned LM (the vlm family): its prefill puts the image tokens
+  first (cfg.num_image_tokens cache slots).
   """
   batch, prompt_len = prompt.shape
-  cfg = model.cfg
+  cfg = getattr(model.cfg, "decoder", model.cfg)  # the vlm family's decoder holds the cache
+  prefix = 0 if image is None else model.cfg.num_image_tokens
   positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
-  cache = transformer.init_cache(cfg, batch, prompt_len + max_new_tokens)
-  logits, cache = model.apply({"params": params}, prompt, positions, segments, cache=cache)
+  cache = transformer.init_cache(cfg, batch, prefix + prompt_len + max_new_tokens)
+  with_image = {} if image is None else {"image": image}
+  logits, cache = model.apply({"params": params}, prompt, positions, segments, cache=cache,
+                              **with_image)
   stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
   def cond(carry):
@@ -149,7 +161,7 @@ def to_host(x: jax.Array) -> np.ndarray:
 def generate(model: transformer.Transformer, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, max_len: int, sampling: Sampling = Sampling(),
              stop_tokens: Sequence[int] = (), pad_id: int = 0, seed: int = 0, mesh=None,
-             axis_rules=None) -> list[list[int]]:
+             axis_rules=None, images: np.ndarray | None = None) -> list[list[int]]:
   """Continues each prompt (token ids); returns the new ids of each, stop token excluded.
 
   Args:
@@ -162,6 +174,8 @@ def generate(model: transformer.Transformer, params, prompts: Sequence[Sequence[
     mesh, axis_rules: when given, the prompts are laid out on the mesh like a training batch
       (the batch padded to a multiple of the data-parallel degree) and the call runs under the
       mesh and rules. Without them the call uses whatever context the caller set.
+    images: an image-conditioned LM's (the vlm family's) images, float [B, H, W, C], one per
+      prompt (`max_len` is then the text's room: the model's cfg.max_seq_len).
   """
   lengths = [len(p) for p in prompts]
   check_prompt_lengths(lengths, max_len)
@@ -179,6 +193,12 @@ def generate(model: transformer.Transformer, params, prompts: Sequence[Sequence[
     ids = prompts[i] if i < len(prompts) else prompts[0]
     tokens[i, width - len(ids):], segments[i, width - len(ids):] = ids, 1
   args = (tokens, segments, budget)
+  if images is not None:  # extra rows repeat the first image, as they repeat the first prompt
+    images = np.asarray(images, np.float32)
+    images = np.concatenate([images, np.repeat(images[:1], rows - len(prompts), axis=0)])
+    args += (images,)
+  else:
+    args += (None,)
   call = functools.partial(_generate, model, params, rng=jax.random.key(seed),
                            max_new_tokens=steps, sampling=sampling,
                            stop_tokens=tuple(int(t) for t in stop_tokens))
@@ -186,7 +206,7 @@ def generate(model: transformer.Transformer, params, prompts: Sequence[Sequence[
     out = to_host(call(*args))
   else:
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-      out = to_host(call(*(place_batch(a, mesh, axis_rules) for a in args)))
+      out = to_host(call(*(a if a is None else place_batch(a, mesh, axis_rules) for a in args)))
   results = []
   for row in out[:len(prompts)]:
     ids = [int(t) for t in row if t >= 0]
@@ -532,6 +552,8 @@ def _define_flags():
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("system", "", "Interactive: a first line of the transcript.")
   flags.DEFINE_multi_string("override", [], "A config field of the workdir, e.g. mesh.tensor=2.")
+  flags.DEFINE_string("image", None, "An image-conditioned LM (model.family='vlm'): the image "
+                      "file (PNG, JPEG) every --prompt is about.")
 
 
 def _interactive(chat: Chat) -> None:
@@ -569,6 +591,35 @@ def _print_labels(texts: Sequence[str], results, top_k: int) -> None:
       print("---")
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _without_placeholder(prompt: str) -> str:
+  """A vlm prompt template's text after its leading image placeholder (the image comes first)."""
+  stripped = prompt.lstrip()
+  if stripped.startswith(IMAGE_PLACEHOLDER):
+    return stripped[len(IMAGE_PLACEHOLDER):].strip()
+  return prompt
+
+
+def _image_arguments(session: Session, image: str | None, prompts, interactive: bool) -> dict:
+  """{'images': [B, H, W, C]} for an image-conditioned LM's workdir and --image; {} for an LM."""
+  reads_images = hasattr(session.model.cfg, "num_image_tokens")
+  if not reads_images:
+    if image:
+      raise ValueError(f"--image={image!r}: this workdir's model (model.family="
+                       f"{session.config.model.get('family', 'decoder')!r}) reads no images")
+    return {}
+  if not image:
+    raise ValueError("this workdir's model (model.family='vlm') reads an image with its prompt: "
+                     "give --image FILE")
+  if interactive:
+    raise ValueError("--interactive with --image: give the questions with --prompt")
+  from foundation.tasks import vlm as vlm_task  # pylint: disable=g-import-not-at-top
+  pixels = vlm_task.image_from_file(session.config, image)
+  return {"images": np.repeat(pixels[None], len(prompts), axis=0)}
+
+
 def main(argv):
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
@@ -588,11 +639,13 @@ def main(argv):
                          "with --prompt TEXT (repeat the flag for several)")
       _print_labels(f.prompt, session.classify(f.prompt), f.top_k or 5)
       return
+    extra = _image_arguments(session, f.image, f.prompt, f.interactive)
     if f.interactive:
       _interactive(Chat(session, f.max_new_tokens, f.system, sampling=sampling, seed=f.seed))
       return
-    texts = session.generate(f.prompt, max_new_tokens=f.max_new_tokens, sampling=sampling,
-                             seed=f.seed)
+    texts = session.generate([_without_placeholder(p) for p in f.prompt],
+                             max_new_tokens=f.max_new_tokens, sampling=sampling, seed=f.seed,
+                             **extra)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   for prompt, text in zip(f.prompt, texts):

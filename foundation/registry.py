@@ -29,6 +29,8 @@ BUILTIN_MODULES = (
     "foundation.models.two_tower",
     "foundation.tasks.contrastive",
     "foundation.tasks.audio",  # and foundation.models.audio, which it imports
+    "foundation.models.vlm",
+    "foundation.tasks.vlm",
 )
 
 _ENTRIES: dict[str, dict[str, object]] = {kind: {} for kind in KINDS}

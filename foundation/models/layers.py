@@ -165,9 +165,12 @@ def rotary(x: Array, positions: Array, theta: float, inv_freq: Array | None = No
   return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array, window: int = 0, causal: bool = True) -> Array:
+def attention_mask(segment_ids: Array, window: int = 0, causal: bool = True,
+                   prefix_len: int = 0) -> Array:
   """bool [B, 1, L, L]: query t sees key s iff s <= t, same segment, and the key is not padding.
   `causal=False` (an encoder: the two-tower family's text tower) drops the s <= t condition.
+  `prefix_len` > 0 (a prefix LM: the vlm family's image tokens) also lets every query see the
+  keys s < prefix_len: full attention among the prefix, the text causal and seeing the prefix.
 
   `segment_ids` int [B, L]: 0 is padding, equal ids are one document. Causality is by index in
   the row (positions restart per document, so they cannot order tokens of different documents).
@@ -179,24 +182,29 @@ def attention_mask(segment_ids: Array, window: int = 0, causal: bool = True) -> 
     visible = jnp.tril(visible)
   if window > 0:
     visible = visible & ~jnp.tril(visible, -window)
+  if prefix_len > 0:
+    visible = visible | (jnp.arange(length) < prefix_len)[None, :]
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   real_key = (segment_ids != 0)[:, None, :]
   return (visible[None] & same & real_key)[:, None]
 
 
 def cached_attention_mask(segment_ids: Array, kv_segment_ids: Array, index: Array,
-                          window: int = 0) -> Array:
+                          window: int = 0, prefix_len: int = 0) -> Array:
   """bool [B, 1, L, S]: the `attention_mask` rule for L new tokens written at cache slot `index`.
 
   segment_ids: int [B, L] of the new tokens; kv_segment_ids: int [B, S] of every cache slot (the
   new tokens' already written, 0 for padding and for slots not written yet); index: int32 scalar.
-  Query i is slot index + i: it sees slot s iff s <= index + i, same segment, s not padding.
+  Query i is slot index + i: it sees slot s iff s <= index + i, same segment, s not padding;
+  with `prefix_len` > 0 also every slot s < prefix_len (the prefix LM's prefix, written first).
   """
   q_slot = index + jnp.arange(segment_ids.shape[1])[:, None]           # [L, 1]
   kv_slot = jnp.arange(kv_segment_ids.shape[1])[None, :]               # [1, S]
   visible = kv_slot <= q_slot
   if window > 0:
     visible = visible & (q_slot - kv_slot < window)
+  if prefix_len > 0:
+    visible = visible | (kv_slot < prefix_len)
   same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
   real_key = (kv_segment_ids != 0)[:, None, :]
   return (visible[None] & same & real_key)[:, None]
@@ -289,8 +297,11 @@ class Attention(nn.Module):
       # K < N heads is grouped-query attention natively: no repeat of k/v in memory.
       # The mask already holds causality; is_causal also lets cuDNN skip the upper triangle, and
       # causal_attention skips the upper triangle's key blocks.
-      mask = attention_mask(segment_ids, cfg.sliding_window, cfg.causal)
-      if not cfg.causal:  # an encoder (ModelConfig.causal=False): every key of the segment
+      prefix_len = getattr(cfg, "prefix_len", 0)
+      mask = attention_mask(segment_ids, cfg.sliding_window, cfg.causal, prefix_len)
+      # An encoder (causal=False: every key of the segment) or a prefix LM (prefix_len > 0: keys
+      # past the query inside the prefix): the mask is not causal, so no causal shortcut.
+      if not cfg.causal or prefix_len:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
       elif cfg.attention == "cudnn":
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
@@ -300,7 +311,7 @@ class Attention(nn.Module):
     else:
       k, v, cache = _write_cache(cache, k, v, decode["index"])
       mask = cached_attention_mask(segment_ids, decode["segment_ids"], decode["index"],
-                                   cfg.sliding_window)
+                                   cfg.sliding_window, getattr(cfg, "prefix_len", 0))
       # XLA, whatever cfg.attention says: the mask is not the square causal one cuDNN expects.
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     out = nn.with_logical_constraint(out, Q_HEADS)

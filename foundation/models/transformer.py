@@ -81,6 +81,9 @@ class ModelConfig:
   # Fine-tuning (see the module docstring):
   num_classes: int = 0            # > 0: a sequence classifier with this many classes, not an LM
   causal: bool = True             # False: bidirectional attention (an encoder: a text tower)
+  # A prefix LM (the vlm family): the first prefix_len columns of every row (the image tokens,
+  # passed as `prefix`) attend to each other fully; the text after them is causal. 0: off.
+  prefix_len: int = 0
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -103,6 +106,8 @@ class ModelConfig:
       raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: no window)")
     if self.num_classes < 0:
       raise ValueError(f"model.num_classes={self.num_classes} must be >= 0 (0: a language model)")
+    if self.prefix_len < 0:
+      raise ValueError(f"model.prefix_len={self.prefix_len} must be >= 0 (0: no prefix)")
 
   @classmethod
   def from_config(cls, config: Any) -> "ModelConfig":
@@ -169,7 +174,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
                cache: dict | None = None, return_hidden: bool = False,
-               last_index: Array | None = None):
+               last_index: Array | None = None, prefix: Array | None = None):
     """Next-token logits (or class logits, with `num_classes`).
 
     Args:
@@ -183,6 +188,9 @@ class Transformer(nn.Module):
       last_index: classifiers only: int32 [B], the column of each row's last real token, whose
         hidden state the head reads; None takes the last column with a non-zero segment id
         (rows right-padded).
+      prefix: None, or [B, P, d_model] embeddings placed before the tokens' (a prefix LM's image
+        tokens, P = cfg.prefix_len); positions and segment_ids then cover P + L columns. With a
+        cache, only the call that writes the first slots (the prefill) passes it.
     Returns:
       float32 [B, L, vocab_size] logits; with a cache, (float32 [B, 1, vocab_size] logits of the
       last new token, the updated cache); a classifier: float32 [B, num_classes].
@@ -191,7 +199,10 @@ class Transformer(nn.Module):
     if cfg.num_classes and cache is not None:
       raise ValueError(f"model.num_classes={cfg.num_classes}: a classifier does not decode")
     embed = layers.Embed(cfg, name="embed")
-    x = nn.with_logical_constraint(embed(tokens), layers.RESIDUAL)
+    x = embed(tokens)
+    if prefix is not None:
+      x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
+    x = nn.with_logical_constraint(x, layers.RESIDUAL)
     if cache is None:
       block = block_class(cfg)
       if cfg.scan_layers:

@@ -1,0 +1,281 @@
+"""The image-conditioned LM (the vlm family, task vlm): the prefix-LM mask, the loss on the text
+only, decoding with the image prefix, a sharded step equal to one device's, resume bit-identical
+through `python -m foundation.train`, `generate --image`, initialisation from pre-trained
+workdirs, and the prompt template's one-line error."""
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import vlm as vlm_configs
+from foundation import build as build_lib
+from foundation import config as config_lib
+from foundation import generate
+from foundation import mesh as mesh_lib
+from foundation import registry
+from foundation.data import tokenizers
+from foundation.models import layers
+from foundation.models import transformer
+from foundation.models import vlm
+from foundation.tasks import vlm as vlm_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_config(**mesh):
+  config = vlm_configs.get_config("size=test").unlock()
+  config.optim.warmup_steps = 0
+  config.optim.eps = 1e-3  # the update follows the gradient (see tests/test_sharding.py)
+  config.batch_size = 8
+  for axis in mesh_lib.AXES:
+    config.mesh[axis] = mesh.get(axis, 1)
+  return config
+
+
+# ---------------------------------------------------------------- the mask
+
+def test_the_prefix_mask_is_full_on_the_image_and_causal_on_the_text():
+  segments = jnp.array([[1, 1, 1, 1, 1, 0]])  # 3 image tokens, 2 text tokens, 1 padding
+  mask = np.asarray(layers.attention_mask(segments, prefix_len=3))[0, 0]
+  expected = np.array([[1, 1, 1, 0, 0, 0],    # image tokens see every image token...
+                       [1, 1, 1, 0, 0, 0],    # ... and no text
+                       [1, 1, 1, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0],    # text: the whole prefix, then causal
+                       [1, 1, 1, 1, 1, 0],
+                       [0, 0, 0, 0, 0, 0]], bool)  # padding sees and is seen by nothing
+  np.testing.assert_array_equal(mask, expected)
+  # Off by default: the plain causal mask.
+  real = np.arange(6) < 5
+  np.testing.assert_array_equal(np.asarray(layers.attention_mask(segments))[0, 0],
+                                np.tril(np.ones((6, 6), bool)) & real & real[:, None])
+  # The cache's rule, prefilling the 6 slots at once, is the same.
+  cached = layers.cached_attention_mask(segments, segments, jnp.int32(0), prefix_len=3)
+  np.testing.assert_array_equal(np.asarray(cached)[0, 0], expected)
+
+
+@functools.cache
+def small_model():
+  config = make_config()
+  model = vlm.make(config)
+  t = int(config.data.text_len)
+  image = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  tokens = jax.random.randint(jax.random.key(2), (2, t), 3, 200)
+  positions = jnp.broadcast_to(jnp.arange(t), (2, t))
+  segments = jnp.ones((2, t), jnp.int32)
+  params = jax.jit(lambda rng: nn.unbox(model.init(rng, tokens, positions, segments, None,
+                                                    image)))(jax.random.key(0))
+  return config, model, params["params"], (tokens, positions, segments, image)
+
+
+@functools.cache
+def forward():
+  """The training forward of small_model, jitted once: (tokens, image) -> text logits."""
+  _, model, params, (_, positions, segments, _) = small_model()
+  return jax.jit(lambda t, i: model.apply({"params": params}, t, positions, segments, None, i))
+
+
+def test_the_text_is_causal_and_sees_the_image():
+  _, model, params, (tokens, positions, segments, image) = small_model()
+  apply = forward()
+  logits = apply(tokens, image)
+  assert logits.shape == (*tokens.shape, model.cfg.decoder.vocab_size)  # text columns only
+  later = tokens.at[:, 10:].set(7)
+  np.testing.assert_allclose(apply(later, image)[:, :10], logits[:, :10], atol=1e-5)
+  assert np.abs(np.asarray(apply(later, image)[:, 10:] - logits[:, 10:])).max() > 1e-3
+  # Every text position depends on the image, the first one included.
+  other = apply(tokens, image.at[:, :8, :8].set(0.0))  # the top-left patch only
+  assert np.abs(np.asarray(other - logits)).max(axis=(0, 2)).min() > 1e-5
+
+
+def test_the_cached_prefill_equals_the_whole_forward():
+  """generate's prefill (image prefix into slots 0..P-1, then the prompt) gives the logits the
+  training forward gives at the prompt's last token: positions and the prefix mask agree."""
+  _, model, params, (tokens, positions, segments, image) = small_model()
+  n = 9
+  logits = forward()(tokens, image)
+  full = logits[:, n - 1]
+  cache = transformer.init_cache(model.cfg.decoder, 2, model.cfg.num_image_tokens + n)
+  prefill, _ = model.apply({"params": params}, tokens[:, :n], positions[:, :n], segments[:, :n],
+                           cache=cache, image=image)
+  np.testing.assert_allclose(prefill[:, -1], full, atol=1e-4, rtol=1e-4)
+  # And the decoding loop continues what the forward predicts (greedy, left-padded prompts).
+  prompts = [list(map(int, tokens[0, :n])), list(map(int, tokens[1, :5]))]
+  out = generate.generate(model, params, prompts, max_new_tokens=1, max_len=40,
+                          images=np.asarray(image))
+  assert out[0] == [int(jnp.argmax(full[0]))]
+  assert out[1] == [int(jnp.argmax(logits[1, 4]))]
+
+
+# ---------------------------------------------------------------- the loss
+
+def test_the_loss_is_on_the_answer_only():
+  tokenizer = tokenizers.make_tokenizer("byte")
+  row = vlm_task.encode_row(tokenizer, "question: what colour is it? answer:", "red", 48)
+  inputs, targets, loss_mask, segments = row
+  answer = tokenizer.encode(" red") + [tokenizer.eos_id]
+  assert list(targets[loss_mask == 1]) == answer
+  assert segments.sum() == len(tokenizer.encode("question: what colour is it? answer: red")) + 1
+  config, model, params, (tokens, positions, segments_, image) = small_model()
+  task = registry.get("task", "vlm")(config)
+  batch = {"image": image, "inputs": jnp.asarray(np.stack([inputs] * 2)),
+           "targets": jnp.asarray(np.stack([targets] * 2)),
+           "loss_mask": jnp.asarray(np.stack([loss_mask] * 2)),
+           "segment_ids": jnp.asarray(np.stack([segments] * 2))}
+  loss = jax.jit(lambda b: task.loss_sums(model, params, b)["loss_sum"])
+  assert float(task.count(batch)) == 2 * len(answer)
+  # Targets outside the answer (the prompt's) change nothing; the answer's do.
+  prompt_changed = {**batch, "targets": batch["targets"].at[:, :5].set(9)}
+  assert float(loss(prompt_changed)) == float(loss(batch))
+  answer_changed = {**batch, "targets": jnp.where(batch["loss_mask"] == 1, 9, batch["targets"])}
+  assert float(loss(answer_changed)) != float(loss(batch))
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("field, template", [
+    ("qa_prompt", "question: {question} answer:"),
+    ("caption_prompt", "caption: <image>"),
+])
+def test_a_template_without_the_image_placeholder_is_one_line(field, template):
+  config = make_config()
+  config.data[field] = template
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config, jax.devices()[:1], 1)
+  message = str(e.value)
+  assert f"data.{field}={template!r}" in message and "<image>" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- sharding
+
+def one_step(config, devices):
+  """Init and two train steps; returns (second loss, params before, params after)."""
+  built = build_lib.build(config, devices)
+  state = built.init_state()
+  initial = jax.device_get(state["params"])
+  train_step, _ = built.jit_steps()
+  batches, _ = registry.get("input", "vlm")(config, 0, 1, False)
+  with built.context():
+    for _ in range(2):
+      state, metrics = train_step(state, built.global_batch(next(batches)))
+  return float(metrics["loss"]), initial, jax.device_get(state["params"])
+
+
+def test_a_sharded_step_equals_the_one_device_step():
+  ref_loss, initial, ref_params = one_step(make_config(), jax.devices()[:1])
+  loss, _, params = one_step(make_config(data=2, fsdp=2, tensor=2), jax.devices())
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  moved = jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, initial))[0]
+  # Every param moved (the key bias aside: q . b_k shifts a query's scores evenly).
+  assert all(m > 1e-5 for path, m in moved if "['k']['bias']" not in jax.tree_util.keystr(path))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+               params, ref_params)
+
+
+# ---------------------------------------------------------------- the trainer, resume, generate
+
+def _run(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def _records(workdir, split):
+  lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl")) if l.strip()]
+  return {l["step"]: l for l in lines if l.get("split") == split}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """12 steps of size=test through the trainer, checkpoints at 6 and 12, a loss every step."""
+  workdir = tmp_path_factory.mktemp("vlm") / "run"
+  result = _run("foundation.train", "--config", "configs/vlm.py:size=test", "--workdir",
+                str(workdir), "--config.steps=12", "--config.checkpoint.every=6",
+                "--config.log.every=1", "--config.eval.every=12",
+                "--config.optim.decay_steps=40")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "vlm model, task vlm" in result.stdout
+  return workdir
+
+
+def test_resume_is_bit_identical(trained, tmp_path):
+  part = tmp_path / "part"
+  shutil.copytree(trained, part)
+  shutil.rmtree(part / "checkpoints" / "12")  # as if killed after step 11: resume from 6
+  result = _run("foundation.train", "--config", "configs/vlm.py:size=test", "--workdir",
+                str(part), "--config.steps=12", "--config.checkpoint.every=6",
+                "--config.log.every=1", "--config.eval.every=12",
+                "--config.optim.decay_steps=40")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "resumed from the checkpoint at step 6" in result.stdout
+  whole, again = _records(trained, "train"), _records(part, "train")
+  assert all(again[s]["loss"] == whole[s]["loss"] for s in range(7, 13))
+  assert _records(part, "eval")[12] == _records(trained, "eval")[12]
+
+
+def test_generate_reads_an_image(trained, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from foundation.data import scenes  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "scene.png"
+  Image.fromarray(np.asarray(scenes.load("heldout", 0, 4).images[0])).save(path)
+  prompt = "<image> question: what colour is the shape? answer:"
+  result = _run("foundation.generate", "--workdir", str(trained), "--image", str(path),
+                "--prompt", prompt, "--max_new_tokens", "4")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert result.stdout.startswith(prompt)
+  # Without the image the vlm's workdir says what it needs, in one line.
+  result = _run("foundation.generate", "--workdir", str(trained), "--prompt", prompt)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert result.returncode != 0 and len(errors) == 1 and "give --image FILE" in errors[0]
+
+
+# ---------------------------------------------------------------- pre-trained towers
+
+def _save_params(workdir, params):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  manager.save(3, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params})))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_init_from_a_vit_and_an_lm_workdir(tmp_path):
+  """compose_init puts a ViT workdir's params (its head left out) under image/ and an LM
+  workdir's under decoder/; the projection is initialised."""
+  from foundation.models import vit  # pylint: disable=g-import-not-at-top
+  config = make_config()
+  cfg = vlm.VLMConfig.from_config(config.model, 32)
+  vit_cfg = vit.ViTConfig.from_config({**config.model.image.to_dict(), "num_classes": 10})
+  vit_params = jax.jit(lambda rng: nn.unbox(vit.ViT(vit_cfg).init(
+      rng, jnp.zeros((1, 32, 32, 3)))))(jax.random.key(5))
+  lm_cfg = dataclasses_replace(cfg.decoder, prefix_len=0)
+  lm_params = jax.jit(lambda rng: nn.unbox(transformer.Transformer(lm_cfg).init(
+      rng, *(jnp.ones((1, 4), jnp.int32),) * 3)))(jax.random.key(6))
+  _save_params(tmp_path / "vit", vit_params["params"])
+  _save_params(tmp_path / "lm", lm_params["params"])
+  vlm.compose_init(config, str(tmp_path / "vit"), str(tmp_path / "lm"), str(tmp_path / "init"))
+  folder, step = __import__("foundation.checkpoint").checkpoint.resolve_init_from(
+      str(tmp_path / "init"))
+  model, device = vlm.make(config), jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  args = (jnp.zeros((1, 4), jnp.int32),) * 3 + (None, jnp.zeros((1, 32, 32, 3)))
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args))["params"])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+  loaded, _ = generate.restore_params(str(tmp_path / "init"), target, step)
+  expected_image = {k: v for k, v in vit_params["params"].items() if k != "head"}
+  jax.tree.map(np.testing.assert_array_equal, loaded["image"], expected_image)
+  jax.tree.map(np.testing.assert_array_equal, loaded["decoder"], lm_params["params"])
+  assert set(loaded["projection"]) == {"kernel", "bias"}
+
+
+def dataclasses_replace(obj, **changes):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(obj, **changes)
