@@ -615,8 +615,8 @@ def _image_arguments(session: Session, image: str | None, prompts, interactive: 
                      "give --image FILE")
   if interactive:
     raise ValueError("--interactive with --image: give the questions with --prompt")
-  from foundation.tasks import vlm as vlm_task  # pylint: disable=g-import-not-at-top
-  pixels = vlm_task.image_from_file(session.config, image)
+  from foundation.data import image_input  # pylint: disable=g-import-not-at-top
+  pixels = image_input.image_from_file(session.config, image)
   return {"images": np.repeat(pixels[None], len(prompts), axis=0)}
 
 

@@ -439,3 +439,27 @@ class TfdsIterator(iterators.DataIterator):
 
   def description(self) -> dict:
     return {**self._description, "steps": self.steps}
+
+
+def image_from_file(config, path: str) -> np.ndarray:
+  """float32 [H, W, C]: an image file through the run's data.pp_eval (the eval images' chain)."""
+  from foundation.data import sources  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise ValueError(f"--image={path!r} is not a file")
+  raw = np.empty(1, dtype=object)
+  raw[:] = [sources.read_file(path)]
+  check_decodes(raw, [path])
+  pp = Preprocess(config, config.data.pp_eval, "data.pp_eval")
+  pp.check(raw[0])
+  return pp(raw, np.zeros(1), np.zeros(1))[0]
+
+
+def check_decodes(raw: np.ndarray, paths: list[str]) -> None:
+  """Every image decodes; the error names the file."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for path, data in zip(paths, raw):
+    try:
+      tf.io.decode_image(data, expand_animations=False)
+    except tf.errors.InvalidArgumentError:
+      raise ValueError(f"{path} is not a JPEG, PNG, GIF or BMP image (it does not decode)"
+                       ) from None

@@ -146,20 +146,9 @@ def _jsonl(config, split: str) -> PairSet:
                      f"{config.data.eval_fraction})")
   raw = np.empty(len(paths), dtype=object)
   raw[:] = [sources.read_file(p) for p in paths]
-  check_decodes(raw, paths)
+  image_input.check_decodes(raw, paths)
   digest = hashlib.sha256(sources.read_file(path)).hexdigest()[:16]
   return PairSet(raw, texts, f"{config.data.source} {split} {len(paths)} sha256:{digest}")
-
-
-def check_decodes(raw: np.ndarray, paths: list[str]) -> None:
-  """Every image decodes; the error names the file."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  for path, data in zip(paths, raw):
-    try:
-      tf.io.decode_image(data, expand_animations=False)
-    except tf.errors.InvalidArgumentError:
-      raise ValueError(f"{path} is not a JPEG, PNG, GIF or BMP image (it does not decode)"
-                       ) from None
 
 
 def _tfds_builder(config):

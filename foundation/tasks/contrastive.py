@@ -286,7 +286,7 @@ def _labelled_file(config, path: str):
   import os  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from foundation.data import examples  # pylint: disable=g-import-not-at-top
-  from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
+  from foundation.data import image_input  # pylint: disable=g-import-not-at-top
   from foundation.data import sources  # pylint: disable=g-import-not-at-top
   records = examples.read_jsonl([path])
   folder, paths, names = os.path.dirname(os.path.abspath(path)), [], []
@@ -302,7 +302,7 @@ def _labelled_file(config, path: str):
     names.append(str(value["label"]))
   raw = np.empty(len(paths), dtype=object)
   raw[:] = [sources.read_file(p) for p in paths]
-  image_text_input.check_decodes(raw, paths)
+  image_input.check_decodes(raw, paths)
   classes = sorted(set(names))
   labels = np.array([classes.index(n) for n in names], np.int32)
   name = "zeroshot/" + os.path.splitext(os.path.basename(path))[0]

@@ -102,22 +102,6 @@ def scene_rows(scenes_split, text: str, template_caption: str, template_qa: str)
   return rows
 
 
-def image_from_file(config, path: str) -> np.ndarray:
-  """float32 [H, W, C]: an image file through the run's data.pp_eval (the eval images' chain)."""
-  from foundation.data import image_input  # pylint: disable=g-import-not-at-top
-  from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
-  from foundation.data import sources  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise ValueError(f"--image={path!r} is not a file")
-  raw = np.empty(1, dtype=object)
-  raw[:] = [sources.read_file(path)]
-  image_text_input.check_decodes(raw, [path])
-  pp = image_input.Preprocess(config, config.data.pp_eval, "data.pp_eval")
-  pp.check(raw[0])
-  return pp(raw, np.zeros(1), np.zeros(1))[0]
-
-
 # ---------------------------------------------------------------- the task
 
 @registry.register("task", "vlm")
