@@ -178,7 +178,7 @@ def test_loss_curves_agree_for_equivalent_paths_and_catch_a_masking_leak(monkeyp
   assert comparison["finite"] and comparison["max_rel_diff"] < curve.default_rtol(base, unrolled)
   # The bug a fused-attention fast path risks: attending across documents and to padding.
   length = base.seq_len
-  monkeypatch.setattr(layers, "attention_mask", lambda segment_ids, window=0: jnp.broadcast_to(
+  monkeypatch.setattr(layers, "attention_mask", lambda segment_ids, *_, **__: jnp.broadcast_to(
       jnp.tril(jnp.ones((length, length), bool)), (segment_ids.shape[0], 1, length, length)))
   leaky, _ = curve.run(base, batches, start)
   assert curve.compare(reference, leaky)["max_rel_diff"] > 10 * curve.default_rtol(base)
