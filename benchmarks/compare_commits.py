@@ -1,7 +1,7 @@
 r"""Is one tree's train step slower than another's? Alternates `foundation.bench` of two trees.
 
-  git worktree add /work/wt-old b169949
-  python benchmarks/compare_commits.py --old /work/wt-old --new . --rounds 3 \
+  git worktree add ../wt-old b169949
+  python benchmarks/compare_commits.py --old ../wt-old --new . --rounds 3 \
       --json benchmarks/results/compare-commits.json \
       -- --config configs/lm.py:size=tiny --steps 20 --warmup 3
 
