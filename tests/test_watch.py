@@ -175,7 +175,7 @@ def test_a_workdir_from_before_the_profile_group_resumes():
 def test_wandb_without_the_package_is_a_config_error(tmp_path):
   try:
     import wandb  # noqa: F401
-    pytest.skip("wandb is installed here")
+    pytest.skip("checks the error when wandb is absent, and wandb is installed in this environment")
   except ImportError:
     pass
   config = lm.get_config("size=test")

@@ -26,13 +26,12 @@ its shard, and saves tf.data's own iterator checkpoint.
 """
 
 import dataclasses
-import hashlib
 import json
-import os
 
 import ml_collections
 import numpy as np
 
+from foundation.data import class_folders
 from foundation.data import examples
 from foundation.data import iterators
 from foundation.data import sounds
@@ -107,50 +106,12 @@ def _embedded(config, split: str) -> AudioSet:
                   f"embedded sounds {d.sample_rate}Hz {d.sound_seconds}s {split} {count}")
 
 
-def _class_folders(directory: str, field: str) -> list[str]:
-  if not os.path.isdir(directory):
-    raise ValueError(f"{field}: {directory!r} is not a folder")
-  names = sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
-  if not names:
-    raise ValueError(f"{field}: {directory!r} has no class sub-folders (one folder of audio files "
-                     f"per class)")
-  return names
-
-
-def _audio_files(folder: str) -> list[str]:
-  return sorted(n for n in os.listdir(folder) if n.lower().endswith(AUDIO_EXTENSIONS))
-
-
 def _files(config, split: str) -> AudioSet:
-  """A class-folder tree read into memory; eval from DIR/<eval_split> or held out by name hash."""
-  directory = config.data.source[len("files:"):]
-  field = f"data.source={config.data.source!r}"
-  eval_dir = os.path.join(directory, config.data.eval_split)
-  separate_eval = os.path.isdir(eval_dir)
-  names = [n for n in _class_folders(directory, field) if n != config.data.eval_split]
-  root = eval_dir if split == "eval" and separate_eval else directory
-  paths, labels = [], []
-  for label, name in enumerate(names):
-    folder = os.path.join(root, name)
-    files = _audio_files(folder) if os.path.isdir(folder) else []
-    if not files and root == directory:
-      raise ValueError(f"{field}: class folder {folder!r} holds no audio files "
-                       f"({', '.join(AUDIO_EXTENSIONS)})")
-    if not separate_eval:
-      held = [examples.record_hash(f"{name}/{f}".encode()) < config.data.eval_fraction
-              for f in files]
-      files = [f for f, h in zip(files, held) if h == (split == "eval")]
-    paths += [os.path.join(folder, f) for f in files]
-    labels += [label] * len(files)
-  if not paths:
-    raise ValueError(f"{field}: no {split} audio files (data.eval_fraction="
-                     f"{config.data.eval_fraction}, no {eval_dir!r} folder)")
-  raw = np.empty(len(paths), dtype=object)
-  raw[:] = [sources.read_file(p) for p in paths]
-  rates = np.array([check_clip(config, path, data) for path, data in zip(paths, raw)], np.int32)
-  digest = hashlib.sha256("\n".join(os.path.relpath(p, directory) for p in paths).encode())
-  return AudioSet(raw, rates, np.array(labels, np.int32), tuple(names),
-                  f"{config.data.source} {split} {len(paths)} sha256:{digest.hexdigest()[:16]}")
+  """A class-folder tree read into memory (foundation/data/class_folders.py)."""
+  data = class_folders.read(config, split, AUDIO_EXTENSIONS, "audio files")
+  rates = np.array([check_clip(config, path, raw) for path, raw in zip(data.paths, data.raw)],
+                   np.int32)
+  return AudioSet(data.raw, rates, data.labels, data.names, data.identity)
 
 
 def check_clip(config, where: str, data: bytes) -> int:
@@ -386,7 +347,8 @@ def class_names(config) -> tuple[str, ...]:
     return sounds.CLASS_NAMES
   if kind == "files":
     directory = config.data.source[len("files:"):]
-    names = _class_folders(directory, f"data.source={config.data.source!r}")
+    names = class_folders.class_names(directory, f"data.source={config.data.source!r}",
+                                        "audio files")
     return tuple(n for n in names if n != config.data.eval_split)
   return _tfds_names(config, _tfds_builder(config)[0])
 

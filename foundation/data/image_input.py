@@ -25,13 +25,13 @@ summed metrics) are the same for any host count (examples.eval_batches).
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 
 import ml_collections
 import numpy as np
 
+from foundation.data import class_folders
 from foundation.data import examples
 from foundation.data import iterators
 from foundation.data import shapes
@@ -93,49 +93,11 @@ def _embedded(config, split: str) -> ImageSet:
                   f"embedded shapes {config.data.image_size}px {split} {count}")
 
 
-def _class_folders(directory: str, field: str) -> list[str]:
-  if not os.path.isdir(directory):
-    raise ValueError(f"{field}: {directory!r} is not a folder")
-  names = sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
-  if not names:
-    raise ValueError(f"{field}: {directory!r} has no class sub-folders (one folder of images per "
-                     f"class)")
-  return names
-
-
-def _image_files(folder: str) -> list[str]:
-  return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
-
-
 def _files(config, split: str) -> ImageSet:
-  """A class-folder tree read into memory; eval from DIR/<eval_split> or held out by name hash."""
-  directory = config.data.source[len("files:"):]
-  field = f"data.source={config.data.source!r}"
-  eval_dir = os.path.join(directory, config.data.eval_split)
-  separate_eval = os.path.isdir(eval_dir)
-  names = [n for n in _class_folders(directory, field) if n != config.data.eval_split]
-  root = eval_dir if split == "eval" and separate_eval else directory
-  paths, labels = [], []
-  for label, name in enumerate(names):
-    folder = os.path.join(root, name)
-    files = _image_files(folder) if os.path.isdir(folder) else []
-    if not files and root == directory:
-      raise ValueError(f"{field}: class folder {folder!r} holds no images "
-                       f"({', '.join(IMAGE_EXTENSIONS)})")
-    if not separate_eval:
-      held = [examples.record_hash(f"{name}/{f}".encode()) < config.data.eval_fraction
-              for f in files]
-      files = [f for f, h in zip(files, held) if h == (split == "eval")]
-    paths += [os.path.join(folder, f) for f in files]
-    labels += [label] * len(files)
-  if not paths:
-    raise ValueError(f"{field}: no {split} images (data.eval_fraction="
-                     f"{config.data.eval_fraction}, no {eval_dir!r} folder)")
-  raw = np.array([sources.read_file(p) for p in paths], dtype=object)
-  _check_channels(raw, paths, config)
-  digest = hashlib.sha256("\n".join(os.path.relpath(p, directory) for p in paths).encode())
-  return ImageSet(raw, np.array(labels, np.int32), tuple(names),
-                  f"{config.data.source} {split} {len(paths)} sha256:{digest.hexdigest()[:16]}")
+  """A class-folder tree read into memory (foundation/data/class_folders.py)."""
+  data = class_folders.read(config, split, IMAGE_EXTENSIONS, "images")
+  _check_channels(data.raw, data.paths, config)
+  return ImageSet(data.raw, data.labels, data.names, data.identity)
 
 
 def _check_channels(raw: np.ndarray, paths: list[str], config) -> None:
@@ -360,7 +322,8 @@ def class_names(config) -> tuple[str, ...]:
     return shapes.CLASS_NAMES
   if kind == "files":
     directory = config.data.source[len("files:"):]
-    names = _class_folders(directory, f"data.source={config.data.source!r}")
+    names = class_folders.class_names(directory, f"data.source={config.data.source!r}",
+                                        "images")
     return tuple(n for n in names if n != config.data.eval_split)
   return _tfds_names(config, _tfds_builder(config))
 
