@@ -25,7 +25,6 @@ summed metrics) are the same for any host count (examples.eval_batches).
 """
 
 import dataclasses
-import json
 import os
 
 import ml_collections
@@ -328,7 +327,7 @@ def class_names(config) -> tuple[str, ...]:
   return _tfds_names(config, _tfds_builder(config))
 
 
-class TfdsIterator(iterators.DataIterator):
+class TfdsIterator(iterators.TfDataIterator):
   """A TFDS train split through tf.data, this host's shard; the state is tf.data's checkpoint."""
 
   def __init__(self, config, process_index: int, process_count: int):
@@ -381,27 +380,6 @@ class TfdsIterator(iterators.DataIterator):
       raise ValueError(e.message.split("\n")[0]) from None
     self.steps += 1
     return batch
-
-  def save(self, directory: str) -> None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    prefix = self._prefix(directory)
-    tf.train.Checkpoint(iterator=self._iterator).write(prefix)
-    with tf.io.gfile.GFile(prefix + ".json", "w") as f:
-      f.write(json.dumps({"steps": self.steps, "process_count": self.process_count}))
-
-  def restore(self, directory: str) -> None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    prefix = self._prefix(directory)
-    if not tf.io.gfile.exists(prefix + ".index"):
-      found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
-      raise iterators.missing_state_error(directory, prefix, found,
-                                          self._description["sources"][0][0])
-    tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
-    with tf.io.gfile.GFile(prefix + ".json") as f:
-      self.steps = json.loads(f.read())["steps"]
-
-  def description(self) -> dict:
-    return {**self._description, "steps": self.steps}
 
 
 def image_from_file(config, path: str) -> np.ndarray:

@@ -23,7 +23,6 @@ eval.steps * batch_size pairs of the eval split, the last batch padded with labe
 
 import dataclasses
 import hashlib
-import json
 import os
 
 import ml_collections
@@ -279,7 +278,7 @@ def eval_batches(config, process_index: int, process_count: int) -> list[dict[st
                                process_count)
 
 
-class TfdsIterator(iterators.DataIterator):
+class TfdsIterator(iterators.TfDataIterator):
   """A TFDS train split through tf.data, this host's shard; captions tokenized on the host."""
 
   def __init__(self, config, process_index: int, process_count: int):
@@ -315,24 +314,3 @@ class TfdsIterator(iterators.DataIterator):
     image = batch["image"].numpy()
     return {"image": image, "text": ids, "text_segments": segments,
             "label_mask": np.ones(len(image), np.int32)}
-
-  def save(self, directory: str) -> None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    prefix = self._prefix(directory)
-    tf.train.Checkpoint(iterator=self._iterator).write(prefix)
-    with tf.io.gfile.GFile(prefix + ".json", "w") as f:
-      f.write(json.dumps({"steps": self.steps, "process_count": self.process_count}))
-
-  def restore(self, directory: str) -> None:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    prefix = self._prefix(directory)
-    if not tf.io.gfile.exists(prefix + ".index"):
-      found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
-      raise iterators.missing_state_error(directory, prefix, found,
-                                          self._description["sources"][0][0])
-    tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
-    with tf.io.gfile.GFile(prefix + ".json") as f:
-      self.steps = json.loads(f.read())["steps"]
-
-  def description(self) -> dict:
-    return {**self._description, "steps": self.steps}

@@ -8,6 +8,7 @@ out in the message. Prepared-data and global tf.data positions (see pipeline.py)
 every host and resume on any process count.
 """
 
+import json
 import os
 import re
 
@@ -87,6 +88,35 @@ class DataIterator:
 
   def _prefix(self, directory: str) -> str:
     return state_prefix(directory, self.process_index, self.process_count)
+
+
+class TfDataIterator(DataIterator):
+  """A DataIterator over a tf.data iterator (`self._iterator`) whose position is tf.data's own
+  checkpoint, with the count of batches taken (`self.steps`) beside it. Subclasses build the
+  dataset and set `_iterator`, `_description`, `steps` and the process fields."""
+
+  _iterator = None
+  steps = 0
+
+  def save(self, directory: str) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    prefix = self._prefix(directory)
+    tf.train.Checkpoint(iterator=self._iterator).write(prefix)
+    with tf.io.gfile.GFile(prefix + ".json", "w") as f:
+      f.write(json.dumps({"steps": self.steps, "process_count": self.process_count}))
+
+  def restore(self, directory: str) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    prefix = self._prefix(directory)
+    if not tf.io.gfile.exists(prefix + ".index"):
+      found = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
+      raise missing_state_error(directory, prefix, found, self._description["sources"][0][0])
+    tf.train.Checkpoint(iterator=self._iterator).read(prefix).assert_consumed()
+    with tf.io.gfile.GFile(prefix + ".json") as f:
+      self.steps = json.loads(f.read())["steps"]
+
+  def description(self) -> dict:
+    return {**self._description, "steps": self.steps}
 
 
 def check_resume(saved: dict | None, current: dict, step: int) -> None:
