@@ -161,13 +161,6 @@ def model_params(params: Any, config) -> Any:
   return merge(params, config.lora.alpha) if enabled(config) else params
 
 
-def strip(params: Any) -> Any:
-  """The tree without its adapter leaves (the base a LoRA run was started from)."""
-  if not isinstance(params, dict):
-    return params
-  return {k: strip(v) for k, v in params.items() if k not in LEAVES}
-
-
 def adapters(params: Any) -> Any:
   """Only the adapter leaves, nested as in `params` (what serving keeps per fine-tune)."""
   if not isinstance(params, dict):
@@ -184,8 +177,8 @@ def adapters(params: Any) -> Any:
 
 
 def attach(base: Any, adapter_tree: Any) -> Any:
-  """`base` params with `adapter_tree`'s leaves put back beside their kernels (the inverse of
-  `strip` + `adapters`), so several fine-tunes share one base in memory."""
+  """`base` params with `adapter_tree`'s leaves (`adapters`) put back beside their kernels, so
+  several fine-tunes share one base in memory."""
   if not isinstance(adapter_tree, dict):
     return base
   out = dict(base)

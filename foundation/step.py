@@ -21,7 +21,6 @@ from foundation import finetune
 from foundation import lora
 from foundation import mesh as mesh_lib
 from foundation import optim
-from foundation import registry
 
 def family(config):
   """The model family `config.model.family` names (registry; 'decoder' for configs before it)."""
@@ -35,11 +34,6 @@ def make_task(config):
 
 def make_model(config):
   return family(config).make_model(config)
-
-
-def has_frozen_params(config) -> bool:
-  """Whether some params do not train (LoRA's frozen base, a linear probe's encoder)."""
-  return finetune.has_frozen_params(config)
 
 
 def _dummy_inputs(config, batch: int = 1):
@@ -147,7 +141,7 @@ def make_train_step(model, optimizer, config, task=None):
   """
   task = task or make_task(config)
   schedule = optim.learning_rate_schedule(config)
-  frozen = has_frozen_params(config)
+  frozen = finetune.has_frozen_params(config)  # LoRA's base, a linear probe's encoder
   # Fault injection (guard.inject_nan_at) is in every run's program, with step -1 when there is
   # none: a drill compiles the very program of a clean run, so its checkpoints are bit-identical.
   nan_steps = jnp.asarray(config_lib.inject_nan_steps(config) or (-1,), jnp.int32)

@@ -159,7 +159,7 @@ def train(config, workdir: str, started: float | None = None) -> dict:
   abstract_state = built.abstract_state
   reporter.print(mesh_lib.describe(mesh, config.mesh))
   n_params = finetune.count_params(abstract_state["params"])
-  if step_lib.has_frozen_params(config):  # what trains, and the optimizer memory it saves
+  if finetune.has_frozen_params(config):  # what trains, and the optimizer memory it saves
     reporter.print(finetune.describe(finetune.trainable_report(
         abstract_state["params"], finetune.trainable_mask(abstract_state["params"], config))))
   flops_per_step = built.flops_per_step()
