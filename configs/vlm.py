@@ -7,11 +7,9 @@ The CPU demo (the embedded drawn scenes with captions and question/answer pairs,
 The text-only baseline (the same decoder, data and steps; no image):
   python -m foundation.train --config configs/vlm.py:size=tiny,text_only --workdir runs/vlm-text
 
-From a pre-trained image tower and LM (either may be left out; `trainable` freezes a part):
-  python -m foundation.models.vlm --config configs/vlm.py:size=tiny --image_from runs/vit \
-      --decoder_from runs/lm --out runs/vlm-init
+From a pre-trained image tower and LM (either pair may be left out; `trainable` freezes a part):
   python -m foundation.train --config configs/vlm.py:size=tiny --workdir runs/vlm-ft \
-      --config.init_from=runs/vlm-init --config.trainable='^(projection|decoder)/'
+      --config.init_from=image=runs/vit,decoder=runs/lm --config.trainable='^(projection|decoder)/'
 
 Arguments after the colon: `size=` test, tiny or B (foundation/models/vlm.py SIZES); `text_only`
 (the baseline); `quick` shortens the run. docs/vlm.md has the figures.
@@ -45,7 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       text_only=bool(args["text_only"])))
   config.data = vlm_task.data_config()
   config.mesh.rules = tuple(config.mesh.rules) + vit.IMAGE_RULES
-  config.optim.b2 = 0.95
   config.optim.min_lr_ratio = 0.05
   # The exact-match evaluator (foundation/tasks/vlm.py): greedy answers and captions of the
   # held-out colour-shape combinations.
@@ -53,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evaluate.tasks = "vlm_exact"
   config.evaluate.limit = 200
   if size in ("test", "tiny"):
+    # Adam's slower second moment: at 600 steps it wrote 52% of eval-split captions exactly,
+    # against 45% with b2=0.95 (one seed each; docs/vlm.md).
+    config.optim.b2 = 0.999
     config.optim.clip_norm = 1.0
     config.optim.weight_decay = 0.0
     config.optim.warmup_steps = max(1, steps // 20)

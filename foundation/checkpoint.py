@@ -355,7 +355,7 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def load_params(path: str, target, partial: bool = False, expected=lambda key: False,
-                skip=lambda key: False):
+                skip=lambda key: False, group: str = ""):
   """(params, description): the params of the checkpoint at `path` (see resolve_init_from),
   restored straight into `target`'s shardings (a tree of jax.ShapeDtypeStruct).
 
@@ -363,14 +363,24 @@ def load_params(path: str, target, partial: bool = False, expected=lambda key: F
   them, unless `partial`: then the params that match are loaded and the others are returned as
   None leaves for the caller to fill, and listed. `expected(key)` names differences that are
   no error (a fine-tuning model's new adapters or head); those are left to init too. `skip(key)`
-  names params never loaded, whatever is on disk (`init_from_skip`: a new head).
+  names params never loaded, whatever is on disk (`init_from_skip`: a new head). `group`
+  ('image', 'a/b'): read only that group of the checkpoint's params, as if it were the whole
+  tree (a two-tower run's image tower into a vlm's image/).
   """
   folder, step = resolve_init_from(path)
+  nest = [k for k in group.split("/") if k]
   handler = ocp.PyTreeCheckpointHandler()
   saved = handler.metadata(folder / str(step) / "state").tree
   if "params" not in saved:
     raise ValueError(f"{folder}/{step}/state has no 'params' (items: {sorted(saved)})")
-  on_disk = {k: tuple(v.shape) for k, v in _flat(saved["params"]).items()}
+  on_disk_tree = saved["params"]
+  for depth, key in enumerate(nest):
+    if not isinstance(on_disk_tree, dict) or key not in on_disk_tree:
+      groups = sorted(on_disk_tree) if isinstance(on_disk_tree, dict) else []
+      raise ValueError(f"init_from={path!r}: its params have no group "
+                       f"{'/'.join(nest[:depth + 1])!r} (there: {', '.join(groups) or 'none'})")
+    on_disk_tree = on_disk_tree[key]
+  on_disk = {k: tuple(v.shape) for k, v in _flat(on_disk_tree).items()}
   wanted = {k: tuple(v.shape) for k, v in _flat(target).items()}
   missing = sorted(k for k in set(wanted) - set(on_disk) if not (expected(k) or skip(k)))
   unexpected = sorted(k for k in set(on_disk) - set(wanted) if not (expected(k) or skip(k)))
@@ -381,17 +391,22 @@ def load_params(path: str, target, partial: bool = False, expected=lambda key: F
       [f"shapes differ: " + ", ".join(f"{k} {on_disk[k]} on disk vs {wanted[k]} here"
                                       for k in reshaped)] if reshaped else [])
   if problems and not partial:
-    raise ValueError(f"init_from={path!r} (step {step}) does not match this model's params; "
+    source = f"{path}:{group}" if nest else path
+    raise ValueError(f"init_from={source!r} (step {step}) does not match this model's params; "
                      + "; ".join(problems) + ". Set --config.init_from_partial=True to load the "
                      "matching ones and initialise the rest")
   load = {k for k in wanted if k in on_disk and wanted[k] == on_disk[k] and not skip(k)}
   item = {"params": _only(target, load)}
+  for key in reversed(nest):
+    item["params"] = {key: item["params"]}
   manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
       partial_restore=True)))["state"]["params"]
   manager.close()
-  note = f"{folder}/{step}: {len(load)} of {len(wanted)} param arrays"
+  for key in nest:
+    restored = restored[key]
+  note = f"{folder}/{step}{':' + group if nest else ''}: {len(load)} of {len(wanted)} param arrays"
   new = sorted(k for k in set(wanted) - load if expected(k) or skip(k))
   if new:
     note += f" ({len(new)} new, initialised: {', '.join(new[:6])}{', ...' if len(new) > 6 else ''})"

@@ -83,6 +83,7 @@ def check_values(config) -> None:
   if "guard" in config:
     check_start_and_guard(config)
   init_from_skip(config)
+  init_from_sources(config)
   patterns(config, "trainable")
   try:
     lora.check(config)
@@ -108,6 +109,49 @@ def check_start_and_guard(config) -> None:
   except ValueError:
     raise ConfigError(f"guard.inject_nan_at={g.inject_nan_at!r} must be comma-separated step "
                       f"numbers, e.g. '7,12'") from None
+
+
+def init_from_sources(config, params=None) -> list[tuple[str, str, str]]:
+  """[(prefix, workdir, group)] of `init_from`: [('', W, '')] for one workdir whose params are
+  the model's whole tree, or one triple per 'PREFIX=WORKDIR' item ('image=runs/vit,decoder=
+  runs/lm'), each loading that workdir's whole tree into the model's group PREFIX; with
+  'PREFIX=WORKDIR:GROUP' ('image=runs/siglip:image') only the workdir's group GROUP loads there.
+  With `params` (the model's tree), a prefix that names no group of it is a ConfigError listing
+  the groups."""
+  text = str(config.get("init_from", "")).strip()
+  if not text:
+    return []
+  items = [item.strip() for item in text.split(",") if item.strip()]
+  if not all("=" in item for item in items):
+    if len(items) > 1 or "=" in text:
+      raise ConfigError(f"init_from={text!r}: give one workdir, or PREFIX=WORKDIR pairs separated "
+                        f"by commas (e.g. 'image=runs/vit,decoder=runs/lm')")
+    return [("", text, "")]
+  pairs = []
+  for item in items:
+    prefix, source = (part.strip() for part in item.split("=", 1))
+    prefix = prefix.strip("/")
+    if not prefix or not source:
+      raise ConfigError(f"init_from={text!r}: {item!r} needs both a prefix and a workdir "
+                        f"(PREFIX=WORKDIR)")
+    if params is not None:
+      node = params
+      for key in prefix.split("/"):
+        if not isinstance(node, dict) or key not in node:
+          groups = ", ".join(sorted(params)) if isinstance(params, dict) else "none"
+          raise ConfigError(f"init_from={text!r}: the model has no params group {prefix!r} "
+                            f"(its groups: {groups})")
+        node = node[key]
+    if any(p == prefix or p.startswith(prefix + "/") or prefix.startswith(p + "/")
+           for p, *_ in pairs):
+      raise ConfigError(f"init_from={text!r}: {prefix!r} overlaps another prefix; each group "
+                        f"loads from one workdir")
+    group = ""
+    head, colon, tail = source.rpartition(":")
+    if colon and head and tail and not tail.startswith("/"):  # not a URL's 'gs://'
+      source, group = head, tail.strip("/")
+    pairs.append((prefix, source, group))
+  return pairs
 
 
 def patterns(config, field: str) -> list:

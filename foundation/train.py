@@ -94,14 +94,39 @@ def start_state(config, workdir, manager, built, train_iter, say):
     say("started from scratch (no checkpoint in the workdir)")
     return state
   skip = config_lib.init_from_skip(config)  # params to initialise afresh (a new head)
-  params, note = checkpoint.load_params(
-      config.init_from, built.abstract_state["params"], config.init_from_partial,
-      expected=lambda key: finetune.expected_difference(key, config),
-      skip=lambda key: any(pattern.match(key) for pattern in skip))
-  params = jax.tree.map(lambda loaded, fresh: fresh if loaded is None else loaded,
-                        params, state["params"], is_leaf=lambda x: x is None)
-  say(f"started from the params of {note}, with a fresh optimizer")
+  params = state["params"]
+  # One workdir for the whole tree, or PREFIX=WORKDIR[:GROUP] pairs each filling one group of
+  # params (a vlm's image/ from a ViT run, or a two-tower run's image/ group, and decoder/ from
+  # an LM run); what none fills stays fresh.
+  for prefix, source, group in config_lib.init_from_sources(config,
+                                                             built.abstract_state["params"]):
+    where = prefix + "/" if prefix else ""
+    loaded, note = checkpoint.load_params(
+        source, _subtree(built.abstract_state["params"], prefix), config.init_from_partial,
+        expected=lambda key, where=where: finetune.expected_difference(where + key, config),
+        skip=lambda key, where=where: any(pattern.match(where + key) for pattern in skip),
+        group=group)
+    fresh = _subtree(params, prefix)
+    loaded = jax.tree.map(lambda new, old: old if new is None else new, loaded, fresh,
+                          is_leaf=lambda x: x is None)
+    params = _with_subtree(params, prefix, loaded)
+    say(f"started {where or 'all params'} from the params of {note}, with a fresh optimizer")
   return {**state, "params": params}  # a fresh optimizer state is zeros: init_state's is
+
+
+def _subtree(tree: dict, prefix: str):
+  """The group of a nested params dict at 'a/b' ('' : the whole tree)."""
+  for key in filter(None, prefix.split("/")):
+    tree = tree[key]
+  return tree
+
+
+def _with_subtree(tree: dict, prefix: str, value) -> dict:
+  """A copy of `tree` with the group at `prefix` replaced by `value`."""
+  keys = [k for k in prefix.split("/") if k]
+  if not keys:
+    return value
+  return {**tree, keys[0]: _with_subtree(tree[keys[0]], "/".join(keys[1:]), value)}
 
 
 def check_guard(step: int, metrics: dict, config, manager, say) -> None:

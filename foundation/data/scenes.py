@@ -34,6 +34,10 @@ HELD_OUT = frozenset((s, len(COLOUR_NAMES) - 1 - s) for s in range(len(SHAPES)))
 SPLITS = {"train": 0, "eval": 1, "heldout": 2}
 NUM = {"train": 20_000, "eval": 1_000, "heldout": 1_000}
 IMAGE_SIZE = 32
+# An object's radius, a share of the side: 4.5-5.1 px at 32 px, so three fit one above another in a
+# half and an 8-px patch sees a shape's outline (at 3.2-4 px a tiny ViT told the 5 shapes apart 54% of
+# the time after 600 steps, at this size 89%).
+RADIUS = (0.14, 0.16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,22 @@ def caption(shape: int, colour: int, count: int, position: int) -> str:
   if count > 1:
     name += "es" if name.endswith("s") else "s"  # pluses
   return f"{COUNT_WORDS[count - 1]} {COLOUR_NAMES[colour]} {name} on the {POSITIONS[position]}"
+
+
+def caption_attributes(text: str) -> dict[str, str]:
+  """The words a caption gives each attribute: {'count', 'colour', 'shape', 'position'} (a shape
+  singular), '' where the text does not say. caption_attributes(caption(...)) names them all; a
+  model's caption is scored attribute by attribute against the truth's."""
+  words = text.split()
+  found = {"count": "", "colour": "", "shape": "", "position": ""}
+  for word in words:
+    singular = word[:-2] if word.endswith("es") and word[:-2] in SHAPES else (
+        word[:-1] if word.endswith("s") and word[:-1] in SHAPES else word)
+    for kind, names in (("count", COUNT_WORDS), ("colour", COLOUR_NAMES), ("shape", SHAPES),
+                        ("position", POSITIONS)):
+      if singular in names and not found[kind]:
+        found[kind] = singular
+  return found
 
 
 def questions(shape: int, colour: int, count: int, position: int) -> list[tuple[str, str]]:
@@ -124,7 +144,7 @@ def _draw(shape, colour, count, position, rng, s: int) -> np.ndarray:
   inside = np.zeros((n, s, s), bool)
   half_width = s / 2
   for slot in range(3):  # objects stacked in `count` horizontal bands of their half
-    radius = rng.uniform(0.1, 0.125, n).astype(np.float32) * s
+    radius = rng.uniform(*RADIUS, n).astype(np.float32) * s
     band = s / count
     cy = (slot + 0.5) * band + rng.uniform(-1, 1, n) * np.maximum(band / 2 - radius - 0.5, 0)
     cx = (position * half_width + rng.uniform(radius + 0.5, half_width - radius - 0.5))

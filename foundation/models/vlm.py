@@ -10,8 +10,9 @@ r"""An image-conditioned language model (PaliGemma / LLaVA style): model.family=
 
 Params: image/ (the ViT's names: embedding, pos_embedding, cls with pool='cls', layers,
 final_norm), projection/ (kernel, bias), decoder/ (the LM's: embed, layers, final_norm, output).
-So a ViT workdir's params fill image/ and an LM workdir's fill decoder/ unchanged
-(`compose_init`; the ViT's head and MAP pooler are not used).
+So a ViT workdir's params fill image/ and an LM workdir's fill decoder/ unchanged: the core's
+`--config.init_from=image=VIT_WORKDIR,decoder=LM_WORKDIR` (the ViT's head is left out; a MAP
+pooler or class token the image tower lacks is named, to skip with `init_from_skip='image/cls'`).
 
 Positions: the prefix takes rotary positions 0..P-1, the text P, P+1, ...; the call takes the
 text's own positions (0-based) and shifts them. Decoding (foundation/generate.py): the prefill call
@@ -21,14 +22,12 @@ passes `image` (the prefix is written to cache slots 0..P-1), the decode steps d
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from foundation import models
 from foundation import registry
 from foundation.models import layers
 from foundation.models import transformer
@@ -191,55 +190,6 @@ def flops_per_example(cfg: VLMConfig, image_size, text_len: int) -> float:
   return flops + transformer.flops_per_token(cfg.decoder, columns) * columns
 
 
-# ---------------------------------------------------------------- initialisation from workdirs
-
-def compose_init(config, image_from: str = "", decoder_from: str = "", out: str = "") -> str:
-  """Writes OUT/checkpoints/0/state with the vlm's params: image/ from the ViT workdir
-  `image_from`, decoder/ from the LM workdir `decoder_from` (either may be empty: that part is
-  initialised from config.seed, as the projection always is). Train from it with
-  --config.init_from=OUT (and --config.trainable to freeze a part). Returns OUT.
-
-  The core's init_from reads one workdir whose param tree is the model's; this puts two
-  pre-trained trees under their prefixes into one such workdir.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from foundation import checkpoint  # pylint: disable=g-import-not-at-top
-  model = make(config)
-  image = _image(config)
-  args = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32),
-          None, image)
-  params = nn.unbox(jax.jit(lambda rng: model.init(rng, *args))(
-      jax.random.key(int(config.seed)))["params"])
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  sources = {"image": (image_from, ("head/", "map_head/")), "decoder": (decoder_from, ())}
-  notes = []
-  for part, (source, unused) in sources.items():
-    if not source:
-      continue
-    if part not in params:
-      raise ValueError(f"{part}_from={source!r}: model.text_only=True has no {part} params")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          params[part])
-    loaded, note = checkpoint.load_params(
-        source, target, skip=lambda key, unused=unused: key.startswith(unused) if unused else False)
-    params[part] = jax.tree.map(lambda new, old: old if new is None else new, loaded,
-                                params[part], is_leaf=lambda x: x is None)
-    notes.append(f"{part}/ from {note}")
-  folder = os.path.join(os.path.abspath(out), "checkpoints")
-  manager = ocp.CheckpointManager(folder, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.PyTreeSave({"params": params})))
-  manager.wait_until_finished()
-  manager.close()
-  for line in notes:
-    print(line)
-  return out
-
-
-def _image(config) -> Array:
-  size, channels = int(config.data.image_size), int(config.data.channels)
-  return jnp.zeros((1, size, size, channels), jnp.float32)
-
-
 def make(config) -> VLM:
   return VLM(VLMConfig.from_config(config.model, int(config.data.image_size)))
 
@@ -268,35 +218,4 @@ class VLMFamily:
     return make(config)
 
 
-# Registered by the package's module only: `python -m foundation.models.vlm` runs this file as
-# __main__ too, and the registry (importing foundation.models.vlm) would see two families 'vlm'.
-if __name__ != "__main__":
-  registry.register("family", "vlm")(VLMFamily)
-
-
-def main(argv) -> None:
-  """python -m foundation.models.vlm --config configs/vlm.py:... --image_from W --decoder_from W
-  --out DIR: the params of two pre-trained workdirs under image/ and decoder/ (compose_init)."""
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from foundation import config as config_lib  # pylint: disable=g-import-not-at-top
-  del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
-  f = flags.FLAGS
-  from foundation.models import vlm as family  # pylint: disable=g-import-not-at-top,import-self
-  try:
-    config_lib.validate(f.config, jax.devices(), jax.process_count())
-    family.compose_init(f.config, f.image_from, f.decoder_from, f.out)
-  except (ValueError, config_lib.ConfigError) as e:
-    raise SystemExit(f"error: {e}") from None
-
-
-if __name__ == "__main__":
-  from absl import app as _app  # pylint: disable=g-import-not-at-top
-  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "The vlm run's config file (configs/vlm.py).")
-  _flags.DEFINE_string("image_from", "", "A ViT workdir (configs/vit.py) for image/.")
-  _flags.DEFINE_string("decoder_from", "", "An LM workdir (configs/lm.py) for decoder/.")
-  _flags.DEFINE_string("out", None, "Where to write the composed checkpoint (a workdir).")
-  _flags.mark_flags_as_required(["config", "out"])
-  _app.run(main)
+registry.register("family", "vlm")(VLMFamily)

@@ -252,7 +252,9 @@ def exact_match(model, params, tokenizer, config, split: str = "heldout", limit:
   """Greedy answers and captions of a scenes split compared whole with the truth.
 
   {'qa': share of questions answered exactly, 'caption': share of captions written exactly,
-   'qa/<kind>' for count, colour, shape, position, 'examples': scenes}. `limit` scenes (0: all of
+   'qa/<kind>' for count, colour, shape, position; 'caption/<kind>': share of captions naming
+   that attribute right (scenes.caption_attributes), 'caption/attributes' their mean;
+   'examples': scenes}. `limit` scenes (0: all of
   data.num_<split>). A text_only model gets the same prompts without the image.
   """
   from foundation import generate  # pylint: disable=g-import-not-at-top
@@ -270,6 +272,7 @@ def exact_match(model, params, tokenizer, config, split: str = "heldout", limit:
       jobs.append((i, kind, prompt_text(d.qa_prompt, question=question), answer))
   max_new = max(len(tokenizer.encode(" " + t)) for *_, t in jobs) + 1
   hits = {k: [] for k in ("caption", *kinds)}
+  parts = {k: [] for k in kinds}
   text_room = model.cfg.max_seq_len
   for start in range(0, len(jobs), batch_size):
     chunk = jobs[start:start + batch_size]
@@ -280,10 +283,17 @@ def exact_match(model, params, tokenizer, config, split: str = "heldout", limit:
                             stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
                             mesh=mesh, axis_rules=axis_rules, images=images)
     for job, ids in zip(chunk, out):
-      hits[job[1]].append(tokenizer.decode(ids).strip() == job[3])
+      said = tokenizer.decode(ids).strip()
+      hits[job[1]].append(said == job[3])
+      if job[1] == "caption":  # each attribute the caption names, against the truth's
+        truth, told = scenes.caption_attributes(job[3]), scenes.caption_attributes(said)
+        for kind in kinds:
+          parts[kind].append(told[kind] == truth[kind])
   result = {f"qa/{k}": float(np.mean(hits[k])) for k in kinds}
   result["qa"] = float(np.mean(sum((hits[k] for k in kinds), [])))
   result["caption"] = float(np.mean(hits["caption"]))
+  result.update({f"caption/{k}": float(np.mean(parts[k])) for k in kinds})
+  result["caption/attributes"] = float(np.mean(sum((parts[k] for k in kinds), [])))
   result["examples"] = float(count)
   return result
 
