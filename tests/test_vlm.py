@@ -309,3 +309,68 @@ def test_bad_init_from_pairs_are_one_line(init_from, message, tmp_path):
 def dataclasses_replace(obj, **changes):
   import dataclasses  # pylint: disable=g-import-not-at-top
   return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- a JSONL file of pairs
+
+def _pairs_file(folder, records):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from foundation.data import scenes  # pylint: disable=g-import-not-at-top
+  drawn = scenes.load("eval", 0, 4)
+  for i in range(4):
+    Image.fromarray(np.asarray(drawn.images[i])).save(folder / f"{i}.png")
+  path = folder / "pairs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path, drawn
+
+
+def test_a_jsonl_file_of_captions_and_questions_feeds_the_vlm(tmp_path):
+  """data.source='files:PAIRS.jsonl': each record's caption and question/answer become rows of
+  [image] + prompt + target, the image decoded from the file it names; the trainer runs on it."""
+  records = [{"image": "0.png", "caption": "a shape"},
+             {"image": "1.png", "question": "what is it?", "answer": "a square"},
+             {"image": "2.png", "caption": "two shapes", "question": "how many?", "answer": "two"},
+             {"image": "3.png", "caption": "nothing"}]
+  path, drawn = _pairs_file(tmp_path, records)
+  config = make_config(data=-1)
+  config.data.source, config.data.eval_fraction = f"files:{path}", 0.0
+  tokenizer = tokenizers.make_tokenizer("byte")
+  train, _ = vlm_task.vlm_input(config, 0, 1, False)
+  batch = next(iter(train))
+  expected = {"caption: a shape": (0, "a shape"),
+              "question: what is it? answer: a square": (1, "a square"),
+              "caption: two shapes": (2, "two shapes"),
+              "question: how many? answer: two": (2, "two"),
+              "caption: nothing": (3, "nothing")}
+  seen = set()
+  for row in range(len(batch["inputs"])):
+    n = int(batch["segment_ids"][row].sum())
+    text = tokenizer.decode([int(t) for t in batch["inputs"][row][1:n]])  # after BOS
+    target = tokenizer.decode([int(t) for t, m in zip(batch["targets"][row],
+                                                      batch["loss_mask"][row])
+                               if m and t != tokenizer.eos_id]).strip()
+    image, answer = expected[text]
+    assert target == answer  # the loss is on the target alone
+    np.testing.assert_allclose(batch["image"][row],
+                               np.asarray(drawn.images[image], np.float32) / 127.5 - 1, atol=1e-6)
+    seen.add(text)
+  assert seen == set(expected)
+  config.steps, config.eval.every, config.checkpoint.every = 2, 0, 2
+  config.evaluate.every = 0
+  from foundation import train as train_lib  # pylint: disable=g-import-not-at-top
+  result = train_lib.train(config, str(tmp_path / "run"))
+  assert np.isfinite(result["train"]["loss"])
+
+
+def test_a_jsonl_record_naming_a_missing_image_is_one_line(tmp_path):
+  path, _ = _pairs_file(tmp_path, [{"image": "0.png", "caption": "a"},
+                                   {"image": "gone.png", "caption": "b"}])
+  config = make_config(data=-1)
+  config.data.source, config.data.eval_fraction = f"files:{path}", 0.0
+  with pytest.raises(ValueError, match=r"pairs.jsonl:2: image 'gone.png' does not exist"):
+    vlm_task.vlm_input(config, 0, 1, False)
+  config.data.text = "qa"  # records with captions only give no question rows
+  path.write_text(json.dumps({"image": "0.png", "caption": "a"}) + "\n")
+  with pytest.raises(ValueError, match=r"pairs.jsonl:1: data.text='qa' needs 'question' and "
+                                       r"'answer' \(the record has \['caption', 'image'\]\)"):
+    vlm_task.vlm_input(config, 0, 1, False)

@@ -117,8 +117,12 @@ def _record_text(record: dict, where: str, text: str) -> str:
                    f"has {sorted(record)})")
 
 
-def _jsonl(config, split: str) -> PairSet:
-  """A JSONL file of image paths with captions or question/answer pairs, read into memory."""
+def read_jsonl_images(config, split: str) -> tuple[np.ndarray, list[dict], str]:
+  """(raw, records, identity) of a 'files:F.jsonl' source's split: the encoded image bytes
+  (object [N]), each line's dict, and a name with the file's digest. Image paths are relative to
+  the file's folder; data.eval_fraction of the lines are the eval split (by line hash). A record
+  without 'image', a missing image or one that does not decode is a ValueError naming the line
+  or the file."""
   path = config.data.source[len("files:"):]
   field = f"data.source={config.data.source!r}"
   if not os.path.isfile(path):
@@ -130,7 +134,7 @@ def _jsonl(config, split: str) -> PairSet:
   train, held = examples.hash_split(records, config.data.eval_fraction, field)
   chosen = held if split == "eval" else train
   folder = os.path.dirname(os.path.abspath(path))
-  paths, texts = [], []
+  paths, values = [], []
   for record in chosen:
     if not isinstance(record.value, dict) or "image" not in record.value:
       raise ValueError(f"{record.where}: the record has no 'image' field")
@@ -139,7 +143,7 @@ def _jsonl(config, split: str) -> PairSet:
       raise ValueError(f"{record.where}: image {record.value['image']!r} does not exist "
                        f"(looked for {image})")
     paths.append(image)
-    texts.append(_record_text(record.value, record.where, config.data.text))
+    values.append({**record.value, "where": record.where})
   if not paths:
     raise ValueError(f"{field}: no {split} pairs (data.eval_fraction="
                      f"{config.data.eval_fraction})")
@@ -147,7 +151,14 @@ def _jsonl(config, split: str) -> PairSet:
   raw[:] = [sources.read_file(p) for p in paths]
   image_input.check_decodes(raw, paths)
   digest = hashlib.sha256(sources.read_file(path)).hexdigest()[:16]
-  return PairSet(raw, texts, f"{config.data.source} {split} {len(paths)} sha256:{digest}")
+  return raw, values, f"{config.data.source} {split} {len(paths)} sha256:{digest}"
+
+
+def _jsonl(config, split: str) -> PairSet:
+  """A JSONL file of image paths with captions or question/answer pairs, read into memory."""
+  raw, values, identity = read_jsonl_images(config, split)
+  texts = [_record_text(value, value["where"], config.data.text) for value in values]
+  return PairSet(raw, texts, identity)
 
 
 def _tfds_builder(config):

@@ -10,14 +10,15 @@ Batch: image float32 [b, H, W, C]; inputs, targets, segment_ids, loss_mask int32
 (T = data.text_len, right-padded; segment 0 on padding). Text positions are 0..T-1 (the model puts
 them after the image's).
 
-The input: the drawn scenes (foundation/data/scenes.py; data.source='scenes'). data.text picks the
-rows: 'caption', 'qa' (the four questions of each scene) or 'both' (five rows per scene: its
-caption and its four questions). The 'heldout' split (colour-shape combinations never trained on)
+The input: the drawn scenes (foundation/data/scenes.py; data.source='scenes'), or a JSONL file of
+image paths with texts (data.source='files:PAIRS.jsonl': {"image": PATH, "caption": TEXT} and/or
+{"question": ..., "answer": ...} per line, paths relative to the file; data.eval_fraction of the
+lines are the eval split). data.text picks the rows: 'caption', 'qa' (the four questions of each
+scene, a record's question) or 'both' (a scene's caption and its four questions). The 'heldout' split (colour-shape combinations never trained on)
 is what `vlm_exact` scores: greedy answers and captions compared whole with the truth.
 """
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 
 from foundation import registry
@@ -37,7 +38,7 @@ def data_config():
   import ml_collections  # pylint: disable=g-import-not-at-top
   from foundation.data import scenes  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict(dict(
-      source="scenes",
+      source="scenes",        # 'scenes' or 'files:PAIRS.jsonl' (image paths with texts)
       text="both",            # 'caption', 'qa' or 'both'
       caption_prompt=vlm_model.IMAGE_PLACEHOLDER + " caption:",
       qa_prompt=vlm_model.IMAGE_PLACEHOLDER + " question: {question} answer:",
@@ -50,6 +51,7 @@ def data_config():
       num_train=scenes.NUM["train"],
       num_eval=scenes.NUM["eval"],
       num_heldout=scenes.NUM["heldout"],
+      eval_fraction=0.1,      # JSONL: the share of lines held out for eval (by line hash)
       prefetch=2,
   ))
 
@@ -113,9 +115,11 @@ class ImageConditionedLM(base.Task):
   def check(self, config) -> None:
     if config.model.get("family") != "vlm":
       raise ValueError(f"task='vlm' needs model.family='vlm', not {config.model.get('family')!r}")
-    if config.data.source != "scenes":
-      raise ValueError(f"data.source={config.data.source!r}: the vlm input reads the drawn "
-                       f"scenes ('scenes') for now")
+    source = str(config.data.source)
+    if source != "scenes" and not (source.startswith("files:") and len(source) > 6):
+      raise ValueError(f"data.source={source!r}: the vlm input reads the drawn scenes ('scenes') "
+                       f"or a JSONL file of image paths with texts ('files:PAIRS.jsonl'); for a "
+                       f"TFDS dataset, write its pairs to such a file")
     if config.data.text not in TEXTS:
       raise ValueError(f"data.text={config.data.text!r} is not one of {TEXTS}")
     if config.data.text_len < 4:
@@ -189,27 +193,54 @@ class ImageConditionedLM(base.Task):
 
 # ---------------------------------------------------------------- the input
 
+def jsonl_rows(records: list[dict], text: str, template_caption: str, template_qa: str):
+  """[(record index, prompt, target)] of a JSONL file's records: a record's 'caption' (text
+  'caption' or 'both') and its 'question' with 'answer' (text 'qa' or 'both'). A record giving
+  the rows asked for none of is a ValueError naming its line."""
+  rows = []
+  for i, record in enumerate(records):
+    before = len(rows)
+    if text in ("caption", "both") and "caption" in record:
+      rows.append((i, prompt_text(template_caption), str(record["caption"])))
+    if text in ("qa", "both") and "question" in record and "answer" in record:
+      rows.append((i, prompt_text(template_qa, question=str(record["question"])),
+                   str(record["answer"])))
+    if len(rows) == before:
+      wanted = {"caption": "'caption'", "qa": "'question' and 'answer'",
+                "both": "'caption', or 'question' and 'answer'"}[text]
+      raise ValueError(f"{record['where']}: data.text={text!r} needs {wanted} (the record has "
+                       f"{sorted(k for k in record if k != 'where')})")
+  return rows
+
+
 def _split_rows(config, split: str, tokenizer):
-  """(scenes, rows [(scene, prompt, target)], encoded int32 [N, 4, T]) of a scenes split."""
+  """(images, rows [(image index, prompt, target)], encoded int32 [N, 4, T], name) of a split:
+  the drawn scenes' pixels, or a JSONL file's encoded images."""
+  from foundation.data import image_text_input  # pylint: disable=g-import-not-at-top
   from foundation.data import scenes  # pylint: disable=g-import-not-at-top
   d = config.data
-  drawn = scenes.load(split, 0, int(d[f"num_{split}"]), int(d.image_size))
-  rows = scene_rows(drawn, d.text, d.caption_prompt, d.qa_prompt)
+  if d.source == "scenes":
+    drawn = scenes.load(split, 0, int(d[f"num_{split}"]), int(d.image_size))
+    images, rows = drawn.images, scene_rows(drawn, d.text, d.caption_prompt, d.qa_prompt)
+    name = f"scenes {d.image_size}px {split} {d[f'num_{split}']}"
+  else:
+    images, records, name = image_text_input.read_jsonl_images(config, split)
+    rows = jsonl_rows(records, d.text, d.caption_prompt, d.qa_prompt)
   encoded = np.stack([encode_row(tokenizer, p, t, int(d.text_len)) for _, p, t in rows])
-  return drawn, rows, encoded
+  return images, rows, encoded, name
 
 
-def _builder(drawn, rows, encoded, pp):
-  scene_of = np.array([r[0] for r in rows], np.int64)
+def _builder(images, rows, encoded, pp):
+  image_of = np.array([r[0] for r in rows], np.int64)
 
   def build(picked) -> dict[str, np.ndarray]:
     real = np.array([bool(r) for r in picked])
     index = np.array([r[0] if r else 0 for r in picked], np.int64)
     epoch = np.array([r[1] if r else 0 for r in picked], np.int64)
     enc = encoded[index]
-    scene = scene_of[index]
+    image = image_of[index]
     keep = real[:, None].astype(np.int32)
-    return {"image": pp(drawn.images[scene], epoch, scene),
+    return {"image": pp(images[image], epoch, image),
             "inputs": enc[:, 0], "targets": enc[:, 1],
             "loss_mask": enc[:, 2] * keep, "segment_ids": enc[:, 3] * keep}
   return build
@@ -221,27 +252,27 @@ def vlm_input(config, index: int, count: int, with_eval: bool):
   from foundation.data import image_input  # pylint: disable=g-import-not-at-top
   from foundation.data import tokenizers  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizers.make_tokenizer(config.data.tokenizer)
-  drawn, rows, encoded = _split_rows(config, "train", tokenizer)
+  images, rows, encoded, name = _split_rows(config, "train", tokenizer)
   pp = image_input.Preprocess(config, config.data.pp_train, "data.pp_train")
-  pp.check(drawn.images[0])
+  pp.check(images[0])
   n = len(rows)
 
   def plan(epoch: int):
     return [(int(i), epoch) for i in examples.shuffled(n, config.seed, 0, epoch)]
   d = config.data
-  identity = {"data": f"scenes {d.image_size}px train {d.num_train} {d.text}",
+  identity = {"data": f"{name} {d.text}",
               "prompts": [d.caption_prompt, d.qa_prompt], "seed": int(config.seed),
               "pp_train": d.pp_train, "text_len": int(d.text_len), "tokenizer": str(d.tokenizer)}
   description = {"sources": [[d.source, 1.0]], "position_kind": "vlm", "process_count": count,
                  "num_examples": n}
-  train = examples.EpochIterator(plan, _builder(drawn, rows, encoded, pp), config.batch_size,
+  train = examples.EpochIterator(plan, _builder(images, rows, encoded, pp), config.batch_size,
                                  index, count, identity, description)
   evals = []
   if with_eval:
-    e_drawn, e_rows, e_encoded = _split_rows(config, "eval", tokenizer)
+    e_images, e_rows, e_encoded, _ = _split_rows(config, "eval", tokenizer)
     e_pp = image_input.Preprocess(config, d.pp_eval, "data.pp_eval")
     evals = examples.eval_batches([(i, 0) for i in range(len(e_rows))],
-                                  _builder(e_drawn, e_rows, e_encoded, e_pp), config, index, count)
+                                  _builder(e_images, e_rows, e_encoded, e_pp), config, index, count)
   return train, evals
 
 
@@ -305,6 +336,10 @@ class ExactMatch:
 
   def __init__(self, config, runtime, argument: str = ""):
     self.config, self.runtime = config, runtime
+    if config.data.source != "scenes":
+      raise ValueError(f"evaluate.tasks 'vlm_exact' scores the drawn scenes' questions and "
+                       f"captions; data.source={config.data.source!r} has its eval split's loss "
+                       f"and token accuracy (eval.every) instead")
     self.split = argument or "heldout"
     if self.split not in ("heldout", "eval"):
       raise ValueError(f"evaluate.tasks 'vlm_exact:{argument}': the split is 'heldout' or 'eval'")
