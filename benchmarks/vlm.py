@@ -74,7 +74,7 @@ def main() -> None:
     if args.siglip:  # the contrastive run's image tower, frozen: "train once, apply many times"
       runs["vlm_siglip_tower"] = run(
           "vlm_siglip_tower", f"size={args.size}", args.steps, root, args.heldout,
-          init_from=f"image={os.path.abspath(args.siglip)}:image",
+          init_from=f"image={args.siglip}:image",
           init_from_skip="image/map_head/.*", trainable="^(projection|decoder)/")
   finally:
     if not args.keep:
@@ -82,8 +82,10 @@ def main() -> None:
   record = {"benchmark": "vlm", "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
                                           f"{jax.device_count()} {jax.devices()[0].platform} device",
             "command": f"python benchmarks/vlm.py --size {args.size} --steps {args.steps} "
-                       f"--heldout {args.heldout}" + (" --siglip SIGLIP_WORKDIR" if args.siglip
+                       f"--heldout {args.heldout}" + (f" --siglip {args.siglip}" if args.siglip
                                                       else ""),
+            "siglip_workdir": ("made by `python benchmarks/image_text.py --loss sigmoid`"
+                               if args.siglip else ""),
             **runs}
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:

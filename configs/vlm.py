@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.evaluate.limit = 200
   if size in ("test", "tiny"):
     # Adam's slower second moment: at 600 steps it wrote 52% of eval-split captions exactly,
-    # against 45% with b2=0.95 (one seed each; docs/vlm.md).
+    # against 45% with b2=0.95 (one seed each).
     config.optim.b2 = 0.999
     config.optim.clip_norm = 1.0
     config.optim.weight_decay = 0.0
