@@ -521,13 +521,25 @@ def make_evaluators(config, model, mesh, tokenizer, eval_config=None,
       evaluators.append(BenchmarkSuite(suite, suite_path, runtime, limit=eval_config.limit,
                                        batch_size=eval_config.batch_size))
     elif kind in registry.names("evaluator"):  # a family's own (two_tower: zeroshot, retrieval)
-      evaluators.append(registry.get("evaluator", kind)(config, runtime, path))
+      # It reads its settings (evaluate.limit, ...) from the config: the ones asked for here.
+      evaluators.append(registry.get("evaluator", kind)(
+          _with_evaluate(config, eval_config), runtime, path))
     else:
       raise ValueError(f"evaluate.tasks: {task!r} is not a task; use 'eval', 'perplexity', 'sft', "
                        f"'classify', 'mc:FILE.jsonl', 'gen:FILE.jsonl', 'suite:NAME:FILE' "
                        f"(NAME one of {', '.join(suites_lib.SUITES)}) or "
                        f"{', '.join(map(repr, registry.names('evaluator')))}")
   return evaluators
+
+
+def _with_evaluate(config, eval_config):
+  """`config` with its `evaluate` group replaced by `eval_config` (a copy when they differ)."""
+  if config.get("evaluate") is eval_config:
+    return config
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  copy = ml_collections.ConfigDict(config.to_dict())
+  copy.evaluate = ml_collections.ConfigDict(eval_config.to_dict())
+  return copy
 
 
 def run(evaluators, params) -> dict[str, float]:

@@ -374,3 +374,16 @@ def test_a_jsonl_record_naming_a_missing_image_is_one_line(tmp_path):
   with pytest.raises(ValueError, match=r"pairs.jsonl:1: data.text='qa' needs 'question' and "
                                        r"'answer' \(the record has \['caption', 'image'\]\)"):
     vlm_task.vlm_input(config, 0, 1, False)
+
+
+def test_the_evaluate_commands_limit_reaches_the_vlm_evaluator():
+  """`python -m foundation.evaluate --tasks vlm_exact --limit N` scores N scenes, not the run
+  config's evaluate.limit: a registered evaluator reads the evaluate settings asked for."""
+  from foundation import defaults  # pylint: disable=g-import-not-at-top
+  from foundation import evaluate  # pylint: disable=g-import-not-at-top
+  config = make_config(data=-1)
+  asked = defaults.evaluate_config()
+  asked.update(tasks="vlm_exact:eval", limit=3)
+  [evaluator] = evaluate.make_evaluators(config, vlm.make(config), None, None, asked)
+  assert (evaluator.limit, evaluator.split) == (3, "eval")
+  assert config.evaluate.limit == 200  # the run's own setting is left alone
