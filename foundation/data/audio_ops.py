@@ -14,12 +14,12 @@ Random ops are stateless: `seed` is an int64 [2] tensor per example (image_ops.e
 the same crops and masks.
 """
 
-import ast
 import dataclasses
-import difflib
 from typing import Any, Callable
 
 import tensorflow as tf
+
+from foundation.data import op_chain
 
 Example = dict[str, tf.Tensor]
 Op = Callable[[Example, tf.Tensor], Example]
@@ -254,29 +254,8 @@ OPS: dict[str, Callable[..., Op]] = {
 # ---------------------------------------------------------------- the chain
 
 def parse(spec: str, field: str = "pp") -> list[tuple[str, tuple, dict]]:
-  """'a|b(1, x=2)' -> [('a', (), {}), ('b', (1,), {'x': 2})]: image_ops' grammar over these ops;
-  errors name the op and the field."""
-  chain = []
-  for piece in filter(None, (p.strip() for p in spec.split("|"))):
-    try:
-      call = ast.parse(piece, mode="eval").body
-      if isinstance(call, ast.Name):
-        name, args, kwargs = call.id, (), {}
-      elif isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
-        name = call.func.id
-        args = tuple(ast.literal_eval(a) for a in call.args)
-        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-      else:
-        raise ValueError
-    except (SyntaxError, ValueError):
-      raise ValueError(f"{field}={spec!r}: {piece!r} is not an op (name or name(literal args))"
-                       ) from None
-    if name not in OPS:
-      close = difflib.get_close_matches(name, OPS, n=1)
-      hint = f"did you mean {close[0]!r}? " if close else ""
-      raise ValueError(f"{field}={spec!r}: unknown op {name!r}; {hint}ops: {', '.join(OPS)}")
-    chain.append((name, args, kwargs))
-  return chain
+  """'a|b(1, x=2)' -> [('a', (), {}), ('b', (1,), {'x': 2})] over these ops (op_chain.parse)."""
+  return op_chain.parse(spec, OPS, field)
 
 
 def compose(spec: str, frontend: FrontEnd, field: str = "pp") -> Callable:

@@ -13,11 +13,11 @@ epoch therefore gets the same pixels in any run, in any order, after any resume.
 `mixup(batch, seed, alpha)` after batching.
 """
 
-import ast
-import difflib
 from typing import Callable
 
 import tensorflow as tf
+
+from foundation.data import op_chain
 
 Op = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
@@ -138,28 +138,8 @@ OPS: dict[str, Callable[..., Op]] = {
 # ---------------------------------------------------------------- the chain
 
 def parse(spec: str, field: str = "pp") -> list[tuple[str, tuple, dict]]:
-  """'a|b(1, x=2)' -> [('a', (), {}), ('b', (1,), {'x': 2})]; errors name the op and the field."""
-  chain = []
-  for piece in filter(None, (p.strip() for p in spec.split("|"))):
-    try:
-      call = ast.parse(piece, mode="eval").body
-      if isinstance(call, ast.Name):
-        name, args, kwargs = call.id, (), {}
-      elif isinstance(call, ast.Call) and isinstance(call.func, ast.Name):
-        name = call.func.id
-        args = tuple(ast.literal_eval(a) for a in call.args)
-        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-      else:
-        raise ValueError
-    except (SyntaxError, ValueError):
-      raise ValueError(f"{field}={spec!r}: {piece!r} is not an op (name or name(literal args))"
-                       ) from None
-    if name not in OPS:
-      close = difflib.get_close_matches(name, OPS, n=1)
-      hint = f"did you mean {close[0]!r}? " if close else ""
-      raise ValueError(f"{field}={spec!r}: unknown op {name!r}; {hint}ops: {', '.join(OPS)}")
-    chain.append((name, args, kwargs))
-  return chain
+  """'a|b(1, x=2)' -> [('a', (), {}), ('b', (1,), {'x': 2})] over these ops (op_chain.parse)."""
+  return op_chain.parse(spec, OPS, field)
 
 
 def compose(spec: str, field: str = "pp") -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
