@@ -351,3 +351,20 @@ def test_tfds_labels_outside_num_classes(tfds_dir):
   config.model.num_classes = 4
   with pytest.raises(ValueError, match=r"has 10 classes but model.num_classes=4"):
     image_input.make_train_iterator(config, 0, 1)
+
+
+def test_data_classes_keeps_every_per_example_array_in_step():
+  """data.classes picks classes of an in-memory set, relabelled in the order named; every
+  per-example array goes with its labels (an audio set's sample rates too)."""
+  from foundation.data import audio_input  # pylint: disable=g-import-not-at-top
+  from foundation.data import class_folders  # pylint: disable=g-import-not-at-top
+  labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+  sounds = audio_input.AudioSet(np.arange(6) * 10, np.arange(6) + 100, labels, ("a", "b", "c"),
+                                "x")
+  picked = class_folders.only_classes(sounds, "c,a", "files")
+  assert picked.raw.tolist() == [0, 20, 30, 50] and picked.rates.tolist() == [100, 102, 103, 105]
+  assert picked.labels.tolist() == [1, 0, 1, 0] and picked.class_names == ("c", "a")
+  images = image_input.ImageSet(np.arange(6), labels, ("a", "b", "c"), "y")
+  assert class_folders.only_classes(images, "b", "files").raw.tolist() == [1, 4]
+  with pytest.raises(ValueError, match=r"'d' is not a class of the source \(its classes: a, b, c\)"):
+    class_folders.only_classes(images, "a,d", "files")

@@ -34,7 +34,6 @@ from foundation.data import class_folders
 from foundation.data import examples
 from foundation.data import iterators
 from foundation.data import sounds
-from foundation.data import sources
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -139,20 +138,8 @@ def check_clip(config, where: str, data: bytes) -> int:
 
 
 def _tfds_builder(config):
-  _, name = _kind(config)
-  source = sources.Source(spec=config.data.source, kind="tfds", arg=name,
-                          where=f"data.source={config.data.source!r}")
-  builder = sources.tfds_builder(config, source)
-  splits = sorted(builder.info.splits.keys())
-  for field in ("train_split", "eval_split"):
-    if config.data[field] not in splits:
-      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
-                       f"splits {splits}")
+  builder = class_folders.tfds_builder(config, _kind(config)[1], ("audio_feature", "label_feature"))
   features = builder.info.features
-  for field in ("audio_feature", "label_feature"):
-    if config.data[field] not in features:
-      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
-                       f"features {sorted(features.keys())}")
   rate = int(getattr(features[config.data.audio_feature], "sample_rate", None) or 0)
   if rate and rate != config.data.sample_rate and not config.data.resample:
     raise ValueError(f"data.source={config.data.source!r} has sample rate {rate} Hz but "
@@ -166,11 +153,6 @@ def _tfds_dataset(config, builder, split: str):
   return ds.map(lambda ex: (ex[audio], ex[label]))
 
 
-def _tfds_names(config, builder) -> tuple[str, ...]:
-  names = getattr(builder.info.features[config.data.label_feature], "names", None)
-  return tuple(names) if names else tuple(str(i) for i in range(config.model.num_classes))
-
-
 def _tfds_eval(config) -> AudioSet:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder, rate = _tfds_builder(config)
@@ -179,7 +161,8 @@ def _tfds_eval(config) -> AudioSet:
   raw = np.empty(len(pairs), dtype=object)
   raw[:] = [sounds.wav_bytes(np.asarray(p[0]).reshape(-1), rate) for p in pairs]
   return AudioSet(raw, np.full(len(pairs), rate, np.int32),
-                  np.array([p[1] for p in pairs], np.int32), _tfds_names(config, builder),
+                  np.array([p[1] for p in pairs], np.int32),
+                  class_folders.tfds_names(config, builder),
                   f"{config.data.source} {config.data.eval_split}")
 
 
@@ -192,45 +175,10 @@ def read_split(config, split: str) -> AudioSet:
     data = _files(config, split)
   else:
     data = _tfds_eval(config)
-  data = only_classes(data, config.data.get("classes", ""), kind)
-  check_labels(config, data.labels, data.class_names, f"the {split} split")
+  data = class_folders.only_classes(data, config.data.get("classes", ""), kind)
+  class_folders.check_labels(config, data.labels, data.class_names, f"the {split} split",
+                             headless_ok=True)
   return data
-
-
-def only_classes(data: AudioSet, classes: str, kind: str) -> AudioSet:
-  """The clips of the comma-separated class names `classes` (data.classes; '' keeps all),
-  relabelled 0..k-1 in that order."""
-  names = [c.strip() for c in classes.split(",") if c.strip()]
-  if not names:
-    return data
-  if kind == "tfds":
-    raise ValueError(f"data.classes={classes!r} selects classes of an in-memory source "
-                     f"('embedded' or 'files:DIR'); a TFDS source streams all of its classes")
-  unknown = [n for n in names if n not in data.class_names]
-  if unknown:
-    raise ValueError(f"data.classes={classes!r}: {unknown[0]!r} is not a class of the source "
-                     f"(its classes: {', '.join(data.class_names)})")
-  old = np.asarray([data.class_names.index(n) for n in names])
-  keep = np.isin(data.labels, old)
-  new_label = {int(o): i for i, o in enumerate(old)}
-  labels = np.asarray([new_label[int(l)] for l in data.labels[keep]], np.int32)
-  return AudioSet(data.raw[keep], data.rates[keep], labels, tuple(names),
-                  f"{data.identity} classes {names}")
-
-
-def check_labels(config, labels: np.ndarray, class_names, what: str) -> None:
-  """Labels and class count fit model.num_classes (a model with a head); errors name both."""
-  num_classes = int(config.model.get("num_classes", 0))
-  if num_classes <= 0:  # masked modelling: labels are not used
-    return
-  if len(class_names) > num_classes:
-    raise ValueError(f"data.source={config.data.source!r} has {len(class_names)} classes but "
-                     f"model.num_classes={num_classes}: set --config.model.num_classes="
-                     f"{len(class_names)}")
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = int(labels.max() if labels.max() >= num_classes else labels.min())
-    raise ValueError(f"data.source={config.data.source!r}: {what} has label {bad}, outside "
-                     f"model.num_classes={num_classes}")
 
 
 # ---------------------------------------------------------------- the front end
@@ -349,7 +297,7 @@ def class_names(config) -> tuple[str, ...]:
     names = class_folders.class_names(directory, f"data.source={config.data.source!r}",
                                         "audio files")
     return tuple(n for n in names if n != config.data.eval_split)
-  return _tfds_names(config, _tfds_builder(config)[0])
+  return class_folders.tfds_names(config, _tfds_builder(config)[0])
 
 
 class TfdsIterator(iterators.TfDataIterator):
@@ -361,7 +309,9 @@ class TfdsIterator(iterators.TfDataIterator):
     self.process_index, self.process_count = process_index, process_count
     host_batch = pipeline.host_batch_size(config, process_count)
     builder, rate = _tfds_builder(config)
-    check_labels(config, np.zeros(0, np.int32), _tfds_names(config, builder), "the train split")
+    class_folders.check_labels(config, np.zeros(0, np.int32),
+                               class_folders.tfds_names(config, builder), "the train split",
+                               headless_ok=True)
     pp = Preprocess(config, config.data.pp_train, "data.pp_train", noise_size)
     num_classes = int(config.model.get("num_classes", 0)) or 2**31 - 1
 

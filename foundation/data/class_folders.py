@@ -1,5 +1,7 @@
-"""A folder with one sub-folder of examples per class (`data.source='files:DIR'`), read into
-memory: the image and audio inputs share it.
+"""What the image and audio classification inputs share: a folder with one sub-folder of
+examples per class (`data.source='files:DIR'`) read into memory, the choice of a subset of
+classes (`data.classes`), the labels' check against model.num_classes, and the TFDS dataset's
+split, feature and class-name checks.
 
 The eval split is DIR/<data.eval_split> when that folder exists, else the files whose name hash
 falls under data.eval_fraction (per class, stable across runs and machines).
@@ -66,3 +68,74 @@ def read(config, split: str, extensions: tuple[str, ...], what: str) -> Split:
   digest = hashlib.sha256("\n".join(os.path.relpath(p, directory) for p in paths).encode())
   return Split(paths, raw, np.array(labels, np.int32), tuple(names),
                f"{config.data.source} {split} {len(paths)} sha256:{digest.hexdigest()[:16]}")
+
+
+# ---------------------------------------------------------------- labelled sets, any source
+
+def only_classes(data, classes: str, kind: str):
+  """The examples of the comma-separated class names `classes` (data.classes; '' keeps all),
+  relabelled 0..k-1 in that order: a sub-task of a dataset (transfer to new classes). `data` is
+  an in-memory set (a dataclass with per-example arrays, `labels`, `class_names`, `identity`);
+  every per-example array is filtered alike."""
+  names = [c.strip() for c in classes.split(",") if c.strip()]
+  if not names:
+    return data
+  if kind == "tfds":
+    raise ValueError(f"data.classes={classes!r} selects classes of an in-memory source "
+                     f"('embedded' or 'files:DIR'); a TFDS source streams all of its classes")
+  unknown = [n for n in names if n not in data.class_names]
+  if unknown:
+    raise ValueError(f"data.classes={classes!r}: {unknown[0]!r} is not a class of the source "
+                     f"(its classes: {', '.join(data.class_names)})")
+  old = np.asarray([data.class_names.index(n) for n in names])
+  keep = np.isin(data.labels, old)
+  new_label = {int(o): i for i, o in enumerate(old)}
+  labels = np.asarray([new_label[int(l)] for l in data.labels[keep]], np.int32)
+  per_example = {f.name: getattr(data, f.name)[keep] for f in dataclasses.fields(data)
+                 if isinstance(getattr(data, f.name), np.ndarray)
+                 and len(getattr(data, f.name)) == len(data.labels)}
+  per_example["labels"] = labels
+  return dataclasses.replace(data, **per_example, class_names=tuple(names),
+                             identity=f"{data.identity} classes {names}")
+
+
+def check_labels(config, labels: np.ndarray, class_names, what: str,
+                 headless_ok: bool = False) -> None:
+  """Labels and class count fit model.num_classes; errors name both numbers. `headless_ok`: a
+  model without a head (num_classes 0: masked modelling) does not use the labels."""
+  num_classes = int(config.model.get("num_classes", 0))
+  if num_classes <= 0 and headless_ok:
+    return
+  if len(class_names) > num_classes:
+    raise ValueError(f"data.source={config.data.source!r} has {len(class_names)} classes but "
+                     f"model.num_classes={num_classes}: set --config.model.num_classes="
+                     f"{len(class_names)}")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = int(labels.max() if labels.max() >= num_classes else labels.min())
+    raise ValueError(f"data.source={config.data.source!r}: {what} has label {bad}, outside "
+                     f"model.num_classes={num_classes}")
+
+
+def tfds_builder(config, name: str, feature_fields: tuple[str, ...]):
+  """The prepared TFDS builder of `name`, after checking that data.train_split / eval_split are
+  its splits and that the data.<feature_fields> name its features (errors list what it has)."""
+  source = sources.Source(spec=config.data.source, kind="tfds", arg=name,
+                          where=f"data.source={config.data.source!r}")
+  builder = sources.tfds_builder(config, source)
+  splits = sorted(builder.info.splits.keys())
+  for field in ("train_split", "eval_split"):
+    if config.data[field] not in splits:
+      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
+                       f"splits {splits}")
+  features = builder.info.features
+  for field in feature_fields:
+    if config.data[field] not in features:
+      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
+                       f"features {sorted(features.keys())}")
+  return builder
+
+
+def tfds_names(config, builder) -> tuple[str, ...]:
+  """The class names of the TFDS label feature (its ids as strings when it has none)."""
+  names = getattr(builder.info.features[config.data.label_feature], "names", None)
+  return tuple(names) if names else tuple(str(i) for i in range(config.model.num_classes))

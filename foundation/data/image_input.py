@@ -34,7 +34,6 @@ from foundation.data import class_folders
 from foundation.data import examples
 from foundation.data import iterators
 from foundation.data import shapes
-from foundation.data import sources
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
@@ -116,21 +115,7 @@ def _check_channels(raw: np.ndarray, paths: list[str], config) -> None:
 
 
 def _tfds_builder(config):
-  _, name = _kind(config)
-  source = sources.Source(spec=config.data.source, kind="tfds", arg=name,
-                          where=f"data.source={config.data.source!r}")
-  builder = sources.tfds_builder(config, source)
-  splits = sorted(builder.info.splits.keys())
-  for field in ("train_split", "eval_split"):
-    if config.data[field] not in splits:
-      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
-                       f"splits {splits}")
-  features = builder.info.features
-  for field in ("image_feature", "label_feature"):
-    if config.data[field] not in features:
-      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
-                       f"features {sorted(features.keys())}")
-  return builder
+  return class_folders.tfds_builder(config, _kind(config)[1], ("image_feature", "label_feature"))
 
 
 def _tfds_dataset(config, builder, split: str):
@@ -144,12 +129,6 @@ def _tfds_dataset(config, builder, split: str):
   return ds.map(lambda ex: (ex[image], ex[label]))
 
 
-def _tfds_names(config, builder) -> tuple[str, ...]:
-  feature = builder.info.features[config.data.label_feature]
-  names = getattr(feature, "names", None)
-  return tuple(names) if names else tuple(str(i) for i in range(config.model.num_classes))
-
-
 def _tfds_eval(config, builder) -> ImageSet:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   count = config.eval.steps * config.batch_size
@@ -158,7 +137,8 @@ def _tfds_eval(config, builder) -> ImageSet:
   raw[:] = [p[0] for p in pairs]
   if raw.size and not isinstance(raw[0], bytes):
     raw = np.stack(list(raw))  # already pixels (a Tensor feature)
-  return ImageSet(raw, np.array([p[1] for p in pairs], np.int32), _tfds_names(config, builder),
+  return ImageSet(raw, np.array([p[1] for p in pairs], np.int32),
+                  class_folders.tfds_names(config, builder),
                   f"{config.data.source} {config.data.eval_split}")
 
 
@@ -171,42 +151,9 @@ def read_split(config, split: str) -> ImageSet:
     data = _files(config, split)
   else:
     data = _tfds_eval(config, _tfds_builder(config))
-  data = only_classes(data, config.data.get("classes", ""), kind)
-  check_labels(config, data.labels, data.class_names, f"the {split} split")
+  data = class_folders.only_classes(data, config.data.get("classes", ""), kind)
+  class_folders.check_labels(config, data.labels, data.class_names, f"the {split} split")
   return data
-
-
-def only_classes(data: ImageSet, classes: str, kind: str) -> ImageSet:
-  """The examples of the comma-separated class names `classes` (data.classes; '' keeps all),
-  relabelled 0..k-1 in that order: a sub-task of a dataset (transfer to new classes)."""
-  names = [c.strip() for c in classes.split(",") if c.strip()]
-  if not names:
-    return data
-  if kind == "tfds":
-    raise ValueError(f"data.classes={classes!r} selects classes of an in-memory source "
-                     f"('embedded' or 'files:DIR'); a TFDS source streams all of its classes")
-  unknown = [n for n in names if n not in data.class_names]
-  if unknown:
-    raise ValueError(f"data.classes={classes!r}: {unknown[0]!r} is not a class of the source "
-                     f"(its classes: {', '.join(data.class_names)})")
-  old = np.asarray([data.class_names.index(n) for n in names])
-  keep = np.isin(data.labels, old)
-  new_label = {int(o): i for i, o in enumerate(old)}
-  labels = np.asarray([new_label[int(l)] for l in data.labels[keep]], np.int32)
-  return ImageSet(data.raw[keep], labels, tuple(names), f"{data.identity} classes {names}")
-
-
-def check_labels(config, labels: np.ndarray, class_names, what: str) -> None:
-  """Labels and class count fit model.num_classes; errors name both numbers."""
-  num_classes = config.model.num_classes
-  if len(class_names) > num_classes:
-    raise ValueError(f"data.source={config.data.source!r} has {len(class_names)} classes but "
-                     f"model.num_classes={num_classes}: set --config.model.num_classes="
-                     f"{len(class_names)}")
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    bad = int(labels.max() if labels.max() >= num_classes else labels.min())
-    raise ValueError(f"data.source={config.data.source!r}: {what} has label {bad}, outside "
-                     f"model.num_classes={num_classes}")
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -324,7 +271,7 @@ def class_names(config) -> tuple[str, ...]:
     names = class_folders.class_names(directory, f"data.source={config.data.source!r}",
                                         "images")
     return tuple(n for n in names if n != config.data.eval_split)
-  return _tfds_names(config, _tfds_builder(config))
+  return class_folders.tfds_names(config, _tfds_builder(config))
 
 
 class TfdsIterator(iterators.TfDataIterator):
@@ -336,7 +283,8 @@ class TfdsIterator(iterators.TfDataIterator):
     self.process_index, self.process_count = process_index, process_count
     host_batch = pipeline.host_batch_size(config, process_count)
     builder = _tfds_builder(config)
-    check_labels(config, np.zeros(0, np.int32), _tfds_names(config, builder), "the train split")
+    class_folders.check_labels(config, np.zeros(0, np.int32),
+                               class_folders.tfds_names(config, builder), "the train split")
     pp = Preprocess(config, config.data.pp_train, "data.pp_train")
     chain, seed, num_classes = pp._one, int(config.seed), int(config.model.num_classes)
 

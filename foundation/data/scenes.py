@@ -34,9 +34,9 @@ HELD_OUT = frozenset((s, len(COLOUR_NAMES) - 1 - s) for s in range(len(SHAPES)))
 SPLITS = {"train": 0, "eval": 1, "heldout": 2}
 NUM = {"train": 20_000, "eval": 1_000, "heldout": 1_000}
 IMAGE_SIZE = 32
-# An object's radius, a share of the side: 4.5-5.1 px at 32 px, so three fit one above another in a
-# half and an 8-px patch sees a shape's outline (at 3.2-4 px a tiny ViT told the 5 shapes apart 54% of
-# the time after 600 steps, at this size 89%).
+# An object's radius, a share of the side: 4.5-5.1 px at 32 px, so three fit one above another
+# in a half and an 8-px patch sees a shape's outline (at 3.2-4 px a tiny ViT told the 5 shapes
+# apart 54% of the time after 600 steps, at this size 89%).
 RADIUS = (0.14, 0.16)
 
 
