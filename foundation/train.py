@@ -110,7 +110,7 @@ def start_state(config, workdir, manager, built, train_iter, say):
     loaded = jax.tree.map(lambda new, old: old if new is None else new, loaded, fresh,
                           is_leaf=lambda x: x is None)
     params = _with_subtree(params, prefix, loaded)
-    say(f"started {where or 'all params'} from the params of {note}, with a fresh optimizer")
+    say(f"started {where + ' ' if where else ''}from the params of {note}, with a fresh optimizer")
   return {**state, "params": params}  # a fresh optimizer state is zeros: init_state's is
 
 
