@@ -11,16 +11,27 @@ From a pre-trained image tower and LM (either pair may be left out; `trainable` 
   python -m foundation.train --config configs/vlm.py:size=tiny --workdir runs/vlm-ft \
       --config.init_from=image=runs/vit,decoder=runs/lm --config.trainable='^(projection|decoder)/'
 
-Arguments after the colon: `size=` test, tiny or B (foundation/models/vlm.py SIZES); `text_only`
-(the baseline); `quick` shortens the run. docs/vlm.md has the figures.
+A decoder from the README's LM demo (runs/tiny, configs/lm.py:size=tiny): `lm=tiny` gives the
+decoder that size's shapes, so its workdir loads:
+  python -m foundation.train --config configs/vlm.py:size=tiny,lm=tiny --workdir runs/vlm-lm \
+      --config.init_from=decoder=runs/tiny
+
+Arguments after the colon: `size=` test, tiny or B (foundation/models/vlm.py SIZES); `lm=` a
+configs/lm.py size for the decoder's shapes; `text_only` (the baseline); `quick` shortens the
+run. docs/vlm.md has the figures.
 """
 
 import ml_collections
 
 from configs import common
+from configs import lm as lm_configs
 from foundation.models import vit
 from foundation.models import vlm
 from foundation.tasks import vlm as vlm_task
+
+# The decoder fields an LM workdir's params depend on (configs/lm.py's model_config).
+DECODER_SHAPE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
 
 # size: (steps, global batch_size, peak lr) on the embedded scenes
 RUNS = {
@@ -30,10 +41,13 @@ RUNS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, size="tiny", text_only=False, quick=False)
+  args = common.parse_arg(arg, size="tiny", text_only=False, lm="", quick=False)
   size = args["size"]
   if size not in vlm.SIZES:
     raise ValueError(f"config argument size={size!r} is unknown; sizes: {', '.join(vlm.SIZES)}")
+  if args["lm"] and args["lm"] not in lm_configs.SIZES:
+    raise ValueError(f"config argument lm={args['lm']!r} is unknown; configs/lm.py sizes: "
+                     f"{', '.join(lm_configs.SIZES)}")
   steps, batch_size, lr = RUNS.get(size, (100_000, 1024, 3e-4))
   config = common.run_config(steps=steps, batch_size=batch_size, lr=lr)
   config.size = size
@@ -41,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(vlm.model_config(
       size, max_seq_len=128 if size in ("test", "tiny") else 512,
       text_only=bool(args["text_only"])))
+  if args["lm"]:  # the decoder takes an LM size's shapes, so that LM's workdir loads into it
+    lm_model = lm_configs.model_config(args["lm"])
+    config.model.decoder.update({field: lm_model[field] for field in DECODER_SHAPE})
   config.data = vlm_task.data_config()
   config.mesh.rules = tuple(config.mesh.rules) + vit.IMAGE_RULES
   config.optim.min_lr_ratio = 0.05

@@ -387,3 +387,20 @@ def test_the_evaluate_commands_limit_reaches_the_vlm_evaluator():
   [evaluator] = evaluate.make_evaluators(config, vlm.make(config), None, None, asked)
   assert (evaluator.limit, evaluator.split) == (3, "eval")
   assert config.evaluate.limit == 200  # the run's own setting is left alone
+
+
+def test_lm_size_gives_the_decoder_that_lms_shapes():
+  """configs/vlm.py:...,lm=SIZE: the decoder has configs/lm.py SIZE's shapes, so that LM's
+  workdir loads into decoder/ (init_from=decoder=WORKDIR); an unknown size is one line."""
+  from configs import lm as lm_configs  # pylint: disable=g-import-not-at-top
+  config = vlm_configs.get_config("size=test,lm=tiny")
+  lm_model = lm_configs.get_config("size=tiny").model
+  for field in vlm_configs.DECODER_SHAPE:
+    assert config.model.decoder[field] == lm_model[field], field
+  built = build_lib.build(config)
+  lm_built = build_lib.build(lm_configs.get_config("size=tiny"))
+  shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+  assert shapes(built.abstract_state["params"]["decoder"]) == shapes(
+      lm_built.abstract_state["params"])
+  with pytest.raises(ValueError, match=r"lm='huge' is unknown; configs/lm.py sizes: test, tiny"):
+    vlm_configs.get_config("size=test,lm=huge")
