@@ -24,13 +24,14 @@ if ROOT not in sys.path:
 # The slowest files first, then the rest by their number of tests (xdist's own order, which
 # pytest.ini turns off so that this one holds). With `-n 2` each file runs whole on one worker
 # (--dist loadfile) and xdist hands files out in this order as workers come free: a slow file handed
-# out last would run on alone while the other worker idles. Slowest first, as measured alone on a
-# 2-core CPU with a cold compile cache (each 1 to 3.5 minutes).
+# out last would run on alone while the other worker idles. Slowest first, as a cold-cache
+# `pytest -n 2` run on a 2-core CPU measured them (from about 6 minutes down to 1).
 SLOW_FILES_FIRST = (
-    "test_faults.py", "test_vit_train.py", "test_image_text.py", "test_vlm.py",
-    "test_notebook.py", "test_multihost.py", "test_faults_multihost.py",
-    "test_finetune_train.py", "test_serve.py", "test_memory.py", "test_compile.py",
-    "test_train.py", "test_finetuned_use.py",
+    "test_notebook.py", "test_faults.py", "test_sharding.py", "test_vit_train.py",
+    "test_multihost.py", "test_vlm.py", "test_faults_multihost.py", "test_audio_train.py",
+    "test_image_text.py", "test_finetune_train.py", "test_reliability.py", "test_serve.py",
+    "test_train.py", "test_vit.py", "test_bench.py", "test_memory.py", "test_compile.py",
+    "test_finetuned_use.py", "test_watch.py", "test_data_resume.py", "test_model.py",
 )
 
 
