@@ -1,13 +1,12 @@
-"""Fault injection on real processes: signals, kills mid-save, NaNs, corrupted files, fewer devices,
-two processes of which one is preempted. After each, the resumed run must match an uninterrupted one
-(exactly on the same topology, to float32 tolerance across topologies). docs/reliability.md tabulates
-what these tests show.
+"""Fault injection on real processes: signals, kills mid-save, NaNs, corrupted files, fewer devices
+(two processes of which one is preempted: tests/test_faults_multihost.py). After each, the resumed
+run must match an uninterrupted one (exactly on the same topology, to float32 tolerance across
+topologies). docs/reliability.md tabulates what these tests show.
 """
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -229,44 +228,6 @@ def test_a_restart_on_fewer_devices_and_another_layout_matches(uninterrupted, tm
   assert "mesh (data=1, fsdp=2, sequence=1, tensor=2) over 4 cpu devices" in out
   assert "resumed from the checkpoint at step 16" in out
   assert_same_losses(tmp_path, uninterrupted, rtol=1e-5)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def start_two(workdir, port, **overrides) -> list[subprocess.Popen]:
-  return [start(workdir, devices=4, env={
-      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-      "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu"}, **overrides) for i in range(2)]
-
-
-TWO_STEPS = 16  # a step with two processes over gloo takes ~0.45 s here
-
-
-def test_two_processes_stop_at_the_same_step_when_one_is_preempted(tmp_path):
-  reference = tmp_path / "reference"
-  results = [finish(p) for p in start_two(reference, free_port(), steps=TWO_STEPS)]
-  assert [r[0] for r in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
-
-  workdir = tmp_path / "preempted"
-  processes = start_two(workdir, free_port(), steps=TWO_STEPS)
-  wait_for_step(workdir, 5, processes[0])
-  processes[1].send_signal(signal.SIGTERM)  # only the second host gets the notice
-  results = [finish(p) for p in processes]
-  assert [r[0] for r in results] == [75, 75], results[0][2][-2000:] + results[1][2][-2000:]
-  stopped = int(results[0][1].split("saved the checkpoint at step ")[1].split()[0])
-  assert str(stopped) in os.listdir(workdir / "checkpoints")
-  data_files = os.listdir(workdir / "checkpoints" / str(stopped) / "data")
-  assert any(n.startswith("process_0of2") for n in data_files)
-  assert any(n.startswith("process_1of2") for n in data_files)
-
-  results = [finish(p) for p in start_two(workdir, free_port(), steps=TWO_STEPS)]
-  assert [r[0] for r in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
-  assert f"resumed from the checkpoint at step {stopped}" in results[0][1]
-  assert_same_losses(workdir, losses(reference), steps=range(1, TWO_STEPS + 1))
 
 
 def test_plain_orbax_reads_a_checkpoint_without_the_project(tmp_path):
