@@ -3,6 +3,20 @@
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
+
+
+class Dtypes:
+  """A family config's dtypes as jnp dtypes, from its `dtype` (compute) and `param_dtype` names."""
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
 
 def dataclass_from_config(cls, config: Any):
   """A family's frozen config dataclass from `config.model` (a ConfigDict or mapping): fields it

@@ -56,7 +56,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(models.Dtypes):
   """The audio encoder's hyper-parameters (frozen: a static argument and a Module field). The
   attribute names the ViT's blocks read (width, num_heads, mlp_dim, ...) are the ViT's."""
   width: int
@@ -111,18 +111,6 @@ class AudioConfig:
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def params_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
-
-  @property
-  def lora_target_names(self) -> frozenset[str]:
-    return frozenset()
 
   def decoder(self) -> "AudioConfig":
     """The MAE decoder's blocks: the same kind, its own sizes."""

@@ -52,7 +52,7 @@ REMAT_POLICIES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(models.Dtypes):
   """The model's hyper-parameters; frozen, so hashable (a static argument and a Module field)."""
   vocab_size: int
   d_model: int
@@ -114,14 +114,6 @@ class ModelConfig:
     """From `config.model`; fields it has beyond these are ignored, those with a default may be
     absent (a config.json written before they existed)."""
     return models.dataclass_from_config(cls, config)
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def params_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
 
 
 def block_class(cfg: ModelConfig) -> type[nn.Module]:

@@ -52,7 +52,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(models.Dtypes):
   """The text tower's hyper-parameters (config.model.text)."""
   vocab_size: int
   width: int
@@ -103,14 +103,6 @@ class TextConfig:
         patch_size=1, num_classes=0, pool="mean", norm_eps=self.norm_eps, dtype=self.dtype,
         param_dtype=self.param_dtype, attention=self.attention, scan_layers=self.scan_layers,
         remat_policy=self.remat_policy)
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def params_dtype(self):
-    return jnp.dtype(self.param_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

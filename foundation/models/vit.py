@@ -49,7 +49,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(models.Dtypes):
   """The ViT's hyper-parameters; frozen, so hashable (a static argument and a Module field)."""
   width: int
   depth: int
@@ -95,14 +95,6 @@ class ViTConfig:
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def params_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
 
 
 def model_config(size: str, **overrides) -> dict:
