@@ -34,6 +34,7 @@ from foundation.data import class_folders
 from foundation.data import examples
 from foundation.data import iterators
 from foundation.data import sounds
+from foundation.data import sources
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
@@ -138,7 +139,8 @@ def check_clip(config, where: str, data: bytes) -> int:
 
 
 def _tfds_builder(config):
-  builder = class_folders.tfds_builder(config, _kind(config)[1], ("audio_feature", "label_feature"))
+  _kind(config)
+  builder = sources.checked_tfds_builder(config, ("audio_feature", "label_feature"))
   features = builder.info.features
   rate = int(getattr(features[config.data.audio_feature], "sample_rate", None) or 0)
   if rate and rate != config.data.sample_rate and not config.data.resample:

@@ -1,7 +1,7 @@
 """What the image and audio classification inputs share: a folder with one sub-folder of
 examples per class (`data.source='files:DIR'`) read into memory, the choice of a subset of
-classes (`data.classes`), the labels' check against model.num_classes, and the TFDS dataset's
-split, feature and class-name checks.
+classes (`data.classes`), the labels' check against model.num_classes, and a TFDS dataset's class
+names.
 
 The eval split is DIR/<data.eval_split> when that folder exists, else the files whose name hash
 falls under data.eval_fraction (per class, stable across runs and machines).
@@ -114,25 +114,6 @@ def check_labels(config, labels: np.ndarray, class_names, what: str,
     bad = int(labels.max() if labels.max() >= num_classes else labels.min())
     raise ValueError(f"data.source={config.data.source!r}: {what} has label {bad}, outside "
                      f"model.num_classes={num_classes}")
-
-
-def tfds_builder(config, name: str, feature_fields: tuple[str, ...]):
-  """The prepared TFDS builder of `name`, after checking that data.train_split / eval_split are
-  its splits and that the data.<feature_fields> name its features (errors list what it has)."""
-  source = sources.Source(spec=config.data.source, kind="tfds", arg=name,
-                          where=f"data.source={config.data.source!r}")
-  builder = sources.tfds_builder(config, source)
-  splits = sorted(builder.info.splits.keys())
-  for field in ("train_split", "eval_split"):
-    if config.data[field] not in splits:
-      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
-                       f"splits {splits}")
-  features = builder.info.features
-  for field in feature_fields:
-    if config.data[field] not in features:
-      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
-                       f"features {sorted(features.keys())}")
-  return builder
 
 
 def tfds_names(config, builder) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from foundation.data import class_folders
 from foundation.data import examples
 from foundation.data import iterators
 from foundation.data import shapes
+from foundation.data import sources
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
@@ -115,7 +116,8 @@ def _check_channels(raw: np.ndarray, paths: list[str], config) -> None:
 
 
 def _tfds_builder(config):
-  return class_folders.tfds_builder(config, _kind(config)[1], ("image_feature", "label_feature"))
+  _kind(config)
+  return sources.checked_tfds_builder(config, ("image_feature", "label_feature"))
 
 
 def _tfds_dataset(config, builder, split: str):
@@ -332,7 +334,6 @@ class TfdsIterator(iterators.TfDataIterator):
 
 def image_from_file(config, path: str) -> np.ndarray:
   """float32 [H, W, C]: an image file through the run's data.pp_eval (the eval images' chain)."""
-  from foundation.data import sources  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise ValueError(f"--image={path!r} is not a file")
   raw = np.empty(1, dtype=object)

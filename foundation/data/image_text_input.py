@@ -162,24 +162,8 @@ def _jsonl(config, split: str) -> PairSet:
 
 
 def _tfds_builder(config):
-  _, name = kind(config)
-  source = sources.Source(spec=config.data.source, kind="tfds", arg=name,
-                          where=f"data.source={config.data.source!r}")
-  builder = sources.tfds_builder(config, source)
-  splits = sorted(builder.info.splits.keys())
-  for split_field in ("train_split", "eval_split"):
-    if config.data[split_field] not in splits:
-      raise ValueError(f"data.{split_field}={config.data[split_field]!r}: dataset "
-                       f"{builder.name!r} has splits {splits}")
-  features = builder.info.features
-  for feature_field in ("image_feature", "caption_feature"):
-    node = features
-    for part in config.data[feature_field].split("/"):
-      if not hasattr(node, "keys") or part not in node.keys():
-        raise ValueError(f"data.{feature_field}={config.data[feature_field]!r}: dataset "
-                         f"{builder.name!r} has features {sorted(features.keys())}")
-      node = node[part]
-  return builder
+  kind(config)
+  return sources.checked_tfds_builder(config, ("image_feature", "caption_feature"))
 
 
 def _tfds_dataset(config, builder, split: str):

@@ -215,6 +215,30 @@ def tfds_builder(config, source: Source | None = None):
   return builder
 
 
+def checked_tfds_builder(config, feature_fields: tuple[str, ...]):
+  """The prepared TFDS builder of data.source='tfds:NAME', after checking that data.train_split
+  and data.eval_split are its splits and that each data.<feature_fields> names a feature ('a/b':
+  a nested one); the errors list what the dataset has. The image, audio and image-text inputs'."""
+  name = config.data.source.partition(":")[2]
+  source = Source(spec=config.data.source, kind="tfds", arg=name,
+                  where=f"data.source={config.data.source!r}")
+  builder = tfds_builder(config, source)
+  splits = sorted(builder.info.splits.keys())
+  for field in ("train_split", "eval_split"):
+    if config.data[field] not in splits:
+      raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
+                       f"splits {splits}")
+  features = builder.info.features
+  for field in feature_fields:
+    node = features
+    for part in config.data[field].split("/"):
+      if not hasattr(node, "keys") or part not in node.keys():
+        raise ValueError(f"data.{field}={config.data[field]!r}: dataset {builder.name!r} has "
+                         f"features {sorted(features.keys())}")
+      node = node[part]
+  return builder
+
+
 def check_tfds_fields(config, builder, split: str, source: Source) -> None:
   """The split and the text feature exist; the errors list the ones that do."""
   splits = sorted(builder.info.splits.keys())
