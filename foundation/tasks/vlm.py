@@ -14,8 +14,9 @@ The input: the drawn scenes (foundation/data/scenes.py; data.source='scenes'), o
 image paths with texts (data.source='files:PAIRS.jsonl': {"image": PATH, "caption": TEXT} and/or
 {"question": ..., "answer": ...} per line, paths relative to the file; data.eval_fraction of the
 lines are the eval split). data.text picks the rows: 'caption', 'qa' (the four questions of each
-scene, a record's question) or 'both' (a scene's caption and its four questions). The 'heldout' split (colour-shape combinations never trained on)
-is what `vlm_exact` scores: greedy answers and captions compared whole with the truth.
+scene, a record's question) or 'both' (a scene's caption and its four questions). The 'heldout'
+split (colour-shape combinations never trained on) is what `vlm_exact` scores: greedy answers and
+captions compared whole with the truth.
 """
 
 import numpy as np
