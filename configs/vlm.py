@@ -29,7 +29,8 @@ from foundation.models import vit
 from foundation.models import vlm
 from foundation.tasks import vlm as vlm_task
 
-# The decoder fields an LM workdir's params depend on (configs/lm.py's model_config).
+# The decoder fields that make it configs/lm.py's network (model_config): the param shapes, and
+# the rotary and norm constants the LM was trained with.
 DECODER_SHAPE = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                  "mlp_dim", "rope_theta", "norm_eps", "tie_embeddings")
 
